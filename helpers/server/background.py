@@ -1,0 +1,94 @@
+"""Run an ASGI app with uvicorn in a daemon thread: the way to serve from Jupyter.
+
+``uvicorn.run()`` fails inside Jupyter (an event loop is already running), and on a busy port
+uvicorn calls ``sys.exit(1)`` inside its thread, which dies silently. This module checks both.
+Used by the API server and the local mirror alike.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any
+
+import requests
+import uvicorn
+
+
+class PortInUseError(OSError):
+    """The port is taken; the message says which and how to pick another."""
+
+
+class ServerHandle:
+    """A server running in a background thread: ``.url``, ``.stop()``, and ``with`` support."""
+
+    def __init__(self, server: uvicorn.Server, thread: threading.Thread, url: str) -> None:
+        self.server = server
+        self.thread = thread
+        self.url = url
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive() and not self.server.should_exit
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving and free the port (a new server can bind it right away)."""
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"ServerHandle(url={self.url!r}, {state})"
+
+
+def ensure_port_free(host: str, port: int) -> None:
+    """Raise PortInUseError at once if ``host:port`` cannot be bound."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise PortInUseError(
+                f"port {port} on {host} is already in use (another server, or one started "
+                f"earlier in this notebook: call handle.stop() on it). Pick another port, "
+                f"e.g. port={port + 1}."
+            ) from exc
+
+
+def start_uvicorn(
+    app: Any,
+    host: str = "127.0.0.1",
+    port: int = 7871,
+    health_path: str = "/health",
+    timeout: float = 30.0,
+    log_level: str = "warning",
+) -> ServerHandle:
+    """Start ``app`` in a daemon thread; return once ``health_path`` answers, or raise."""
+    ensure_port_free(host, port)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+    server = uvicorn.Server(config)
+    # Signal handlers can only be installed in the main thread.
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    display_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"http://{display_host}:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not thread.is_alive():
+            raise PortInUseError(f"the server on {host}:{port} stopped at start; see the log above")
+        if server.started:
+            try:
+                if requests.get(url + health_path, timeout=2).status_code < 500:
+                    return ServerHandle(server, thread, url)
+            except requests.RequestException:
+                pass
+        time.sleep(0.02)
+    server.should_exit = True
+    raise TimeoutError(f"the server on {url} did not answer {health_path} within {timeout:.0f} s")
