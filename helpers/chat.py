@@ -93,6 +93,46 @@ def _number(value: object) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# Errors any backend may raise; the server maps them to HTTP statuses without knowing backends.
+
+
+class ChatModelError(RuntimeError):
+    """A backend failed; ``provider_message`` keeps what the provider said (never a key)."""
+
+    status_code = 502
+
+    def __init__(self, message: str, provider_message: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.provider_message = provider_message
+        self.retry_after = retry_after
+
+
+class AuthenticationError(ChatModelError):
+    """The provider rejected the API key (or none was given)."""
+
+    status_code = 502  # our server is fine; its upstream credentials are not
+
+
+class RateLimitError(ChatModelError):
+    """The provider said 429 and retries ran out."""
+
+    status_code = 429
+
+
+class BadRequestError(ChatModelError, ValueError):
+    """The provider rejected the request itself (4xx other than auth/rate limit)."""
+
+    status_code = 400
+
+
+class UnavailableError(ChatModelError):
+    """The provider timed out or answered 5xx after retries."""
+
+    status_code = 503
+
+
+# ---------------------------------------------------------------------------------------------
 # The interface.
 
 
