@@ -1,0 +1,138 @@
+"""The chat widget's logic, driven the way its buttons drive it: send, stream, follow up, clear."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+
+import pytest
+
+from helpers.widgets import ChatBox, describe_error
+
+
+class FakeStream:
+    """Records the messages of each call and streams a canned answer piece by piece."""
+
+    def __init__(self, answers: Sequence[Sequence[str]] = (("Hel", "lo", "!"),)) -> None:
+        self.answers = list(answers)
+        self.calls: list[list[dict[str, str]]] = []
+        self.gate: threading.Event | None = None
+
+    def __call__(self, messages: Sequence[dict[str, str]]) -> Iterator[str]:
+        self.calls.append([dict(m) for m in messages])
+        pieces = self.answers[min(len(self.calls), len(self.answers)) - 1]
+        for piece in pieces:
+            if self.gate is not None:
+                self.gate.wait(5)
+            yield piece
+
+
+def test_send_streams_answer_into_history_and_display() -> None:
+    stream = FakeStream()
+    box = ChatBox(stream)
+    box.input.value = "  你好  "
+    thread = box.ask()
+    assert thread is not None
+    box.wait(5)
+    assert stream.calls == [[{"role": "user", "content": "你好"}]]
+    assert box.history == [
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
+    assert box.transcript == [("user", "你好"), ("assistant", "Hello!")]
+    assert box.input.value == ""
+    assert "Hello!" in box.conversation.value and "你好" in box.conversation.value
+    assert not box.send_button.disabled
+    assert "1 轮对话" in box.status.value
+
+
+def test_follow_up_sees_earlier_turns_and_system_prompt() -> None:
+    stream = FakeStream([["A1"], ["A2"]])
+    box = ChatBox(stream, system="简短回答")
+    box.ask("Q1")
+    box.wait(5)
+    box.ask("Q2")
+    box.wait(5)
+    assert stream.calls[1] == [
+        {"role": "system", "content": "简短回答"},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+    ]
+    assert [m["content"] for m in box.history] == ["Q1", "A1", "Q2", "A2"]
+
+
+def test_answer_grows_while_streaming_and_buttons_wait() -> None:
+    stream = FakeStream([["one ", "two ", "three"]])
+    stream.gate = threading.Event()
+    box = ChatBox(stream)
+    box.ask("count")
+    assert box.busy and box.send_button.disabled and box.clear_button.disabled
+    assert box.ask("ignored while busy") is None
+    box.clear()  # ignored while busy
+    assert box.transcript[0] == ("user", "count")
+    stream.gate.set()
+    box.wait(5)
+    assert box.transcript[-1] == ("assistant", "one two three")
+    assert len(stream.calls) == 1
+
+
+def test_clear_forgets_history_and_display() -> None:
+    box = ChatBox(FakeStream())
+    box.ask("hi")
+    box.wait(5)
+    box.clear()
+    assert box.history == [] and box.transcript == []
+    assert "还没有对话" in box.conversation.value
+
+
+def test_empty_input_sends_nothing() -> None:
+    stream = FakeStream()
+    box = ChatBox(stream)
+    box.input.value = "   "
+    assert box.ask() is None
+    assert stream.calls == []
+
+
+def test_enter_in_the_text_box_sends() -> None:
+    box = ChatBox(FakeStream())
+    box.input.value = "hi"
+    box._on_input_msg(box.input, {"event": "submit"}, [])
+    box.wait(5)
+    assert box.transcript == [("user", "hi"), ("assistant", "Hello!")]
+
+
+def test_user_text_is_escaped() -> None:
+    box = ChatBox(FakeStream([["<b>x</b>"]]))
+    box.ask("<script>alert(1)</script>")
+    box.wait(5)
+    assert "<script>" not in box.conversation.value
+    assert "&lt;script&gt;" in box.conversation.value and "&lt;b&gt;x&lt;/b&gt;" in box.conversation.value
+
+
+def test_error_is_shown_readably_and_question_dropped_from_history() -> None:
+    def broken(messages: Sequence[dict[str, str]]) -> Iterator[str]:
+        raise ConnectionRefusedError("[Errno 111] Connection refused")
+        yield ""
+
+    box = ChatBox(broken, url="http://127.0.0.1:9")
+    box.ask("hi")
+    box.wait(5)
+    assert box.history == []
+    kind, text = box.transcript[-1]
+    assert kind == "error"
+    assert "http://127.0.0.1:9" in text and "Traceback" not in text
+    assert "dhllm-msg-error" in box.conversation.value
+    assert not box.send_button.disabled
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (ConnectionRefusedError("refused"), "连不上服务器"),
+        (TimeoutError("read timed out"), "太久没有回应"),
+        (ValueError("temperature must be >= 0"), "ValueError: temperature must be >= 0"),
+    ],
+)
+def test_describe_error(exc: Exception, expected: str) -> None:
+    assert expected in describe_error(exc)
