@@ -245,3 +245,20 @@ def load_model(
         model.to(placement.device)
     model.eval()
     return model, tokenizer
+
+
+def describe_environment() -> str:
+    """One line for the setup cell: Python, torch, transformers, and the device (GPU or CPU)."""
+    import platform
+
+    import torch
+    import transformers
+
+    if torch.cuda.is_available():
+        device = f"CUDA: {torch.cuda.get_device_name(0)}, {cuda_memory_gb():.1f} GiB"
+    else:
+        device = "CPU only (no CUDA GPU): notebooks use the embedded SmolLM2-135M-Instruct"
+    return (
+        f"Python {platform.python_version()} | torch {torch.__version__} | "
+        f"transformers {transformers.__version__} | {device}"
+    )
