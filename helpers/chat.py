@@ -500,10 +500,23 @@ class TransformersChat(ChatModel):
 
 
 def get_chat_model(spec: str, **options: Any) -> ChatModel:
-    """Build a ChatModel from ``local:embedded``, ``local:PATH`` or a bare registry name / path."""
+    """Build a ChatModel from one string: ``local:NAME_OR_PATH``, a bare registry name or path,
+    ``gemini:MODEL`` or an OpenAI-compatible preset ``PRESET:MODEL`` (openai, deepseek, zhipu,
+    dashscope, moonshot, vllm, ollama, dhllm). An empty MODEL (``zhipu`` or ``zhipu:``) means the
+    provider's default. Keyword options go to the backend (``api_key=``, ``base_url=``,
+    ``timeout=`` for cloud models; ``device=``, ``dtype=`` for local ones).
+    """
+    import os
+
+    from helpers.cloud import CLOUD_PREFIXES, get_cloud_model  # cheap: no SDK imported yet
+
     kind, _, rest = spec.partition(":")
     if kind == "local":
         return TransformersChat.load(rest, **options)
+    if kind in CLOUD_PREFIXES and not os.path.exists(spec):
+        return get_cloud_model(kind, rest or None, **options)
     if not rest or len(kind) == 1:  # a bare name, or a Windows path like C:\models
         return TransformersChat.load(spec, **options)
-    raise ValueError(f"unknown backend {kind!r} in {spec!r}; use local:NAME_OR_PATH")
+    known = ", ".join(f"{p}:MODEL" for p in ("local", *CLOUD_PREFIXES))
+    raise ValueError(f"unknown backend {kind!r} in {spec!r}; known: {known}, or a bare "
+                     f"registry name or path")
