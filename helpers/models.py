@@ -262,3 +262,54 @@ def describe_environment() -> str:
         f"Python {platform.python_version()} | torch {torch.__version__} | "
         f"transformers {transformers.__version__} | {device}"
     )
+
+
+def build_tiny_model(
+    target: str | os.PathLike[str],
+    tokenizer_dir: str | os.PathLike[str] | None = None,
+    arch: str = "qwen2",
+    seed: int = 0,
+) -> Path:
+    """Save a 2-layer random Llama or Qwen2 (3.2 M params) with SmolLM2's tokenizer to ``target``.
+
+    For tests and offline demos: it loads, chats and serves like a real model in milliseconds,
+    but its answers are noise. The folder carries a README saying so.
+    """
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    from helpers.embedded import embedded_model_dir
+
+    architectures = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    if arch not in architectures:
+        raise ValueError(f"arch must be one of {sorted(architectures)}; got {arch!r}")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or embedded_model_dir(verbose=False))
+    config_class, model_class = architectures[arch]
+    config = config_class(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    target = Path(target)
+    model_class(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    (target / "README.md").write_text(
+        f"# Tiny random {arch} stand-in\n\nBuilt by dhllm for offline tests and demos: "
+        "random weights, SmolLM2 tokenizer. Its answers are noise.\n"
+    )
+    return target

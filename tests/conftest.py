@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers.models import build_tiny_model  # noqa: F401  (re-exported for tests)
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -27,41 +29,6 @@ def embedded_dir() -> Path:
     from helpers.embedded import embedded_model_dir
 
     return embedded_model_dir()
-
-
-def build_tiny_model(target: Path, tokenizer_dir: Path, arch: str = "qwen2", seed: int = 0) -> Path:
-    """A 2-layer random Qwen2 or Llama (3.2 M params) with SmolLM2's tokenizer, saved to target."""
-    import torch
-    from transformers import (
-        AutoTokenizer,
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    if arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return target
 
 
 @pytest.fixture(scope="session")
