@@ -72,6 +72,68 @@ def _ask_forever():
         yield text
 
 
+# ---------------------------------------------------------------- download and mirror (issue 4)
+
+
+@app.command()
+def download(
+    repo: Annotated[str, typer.Argument(help="hub id (org/name) or registry name, e.g. qwen-1.8b-chat")],
+    source: Annotated[str, typer.Option(help="hf | hf-mirror | modelscope | git")] = "hf",
+    local_dir: Annotated[str | None, typer.Option(help="target folder (default: cache)")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="hub address, overrides the source's")] = None,
+    revision: Annotated[str | None, typer.Option(help="branch, tag or commit")] = None,
+    include: Annotated[list[str] | None, typer.Option(help="glob of files to fetch; repeatable")] = None,
+) -> None:
+    """Download a model with a progress bar; a killed download resumes; the result is verified."""
+    from helpers.download import DownloadError, VerificationError
+    from helpers.download import download as do_download
+
+    try:
+        path = do_download(repo, source, local_dir, revision, include or None, endpoint)  # type: ignore[arg-type]
+    except (DownloadError, VerificationError, ValueError, KeyError) as exc:
+        _fail(str(exc))
+    typer.echo(str(path))
+
+
+mirror_app = typer.Typer(help="A local hub serving model folders (HF and ModelScope APIs).", no_args_is_help=True)
+app.add_typer(mirror_app, name="mirror")
+
+
+@mirror_app.command("serve")
+def mirror_serve(
+    directory: Annotated[str, typer.Argument(help="folder of DIR/org/name model folders")],
+    host: Annotated[str, typer.Option(help="127.0.0.1 = this machine only")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="default: settings.mirror_port (8090)")] = None,
+    throttle: Annotated[float | None, typer.Option(help="bytes/s per connection (demos)")] = None,
+) -> None:
+    """Serve DIR so HF_ENDPOINT / MODELSCOPE_ENDPOINT=http://HOST:PORT clients download from it."""
+    from helpers.mirror import serve_mirror
+    from helpers.server.background import PortInUseError
+
+    try:
+        serve_mirror(directory, host, port or get_settings().mirror_port, throttle=throttle)
+    except (PortInUseError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+@mirror_app.command("add")
+def mirror_add(
+    repo: Annotated[str, typer.Argument(help="org/name to serve it as")],
+    source: Annotated[str, typer.Option("--from", help="hf | hf-mirror | modelscope | PATH")] = "hf",
+    directory: Annotated[str, typer.Option("--dir", help="the mirror folder")] = "mirror",
+    endpoint: Annotated[str | None, typer.Option(help="hub address, overrides the source's")] = None,
+) -> None:
+    """Fill the mirror: download org/name from a hub, or link/copy a local model folder."""
+    from helpers.download import DownloadError, VerificationError
+    from helpers.mirror import add_to_mirror
+
+    try:
+        path = add_to_mirror(repo, directory, source, endpoint=endpoint)
+    except (DownloadError, VerificationError, ValueError, KeyError) as exc:
+        _fail(str(exc))
+    typer.echo(str(path))
+
+
 def main() -> None:
     """Entry point of the ``dhllm`` console script."""
     app()
