@@ -259,10 +259,13 @@ class OpenAIChat(ChatModel):
 
 
 def _retry_after_header(headers: Any) -> float | None:
+    """Seconds from ``retry-after-ms`` or ``retry-after`` (seconds; HTTP dates are ignored)."""
     for header, divisor in (("retry-after-ms", 1000), ("retry-after", 1)):
         value = headers.get(header) if headers is not None else None
+        if value is None:
+            continue
         try:
-            return float(value) / divisor if value is not None else None
+            return float(value) / divisor
         except ValueError:
             continue
     return None

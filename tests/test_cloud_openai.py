@@ -1,0 +1,224 @@
+"""OpenAIChat through the real openai SDK against a wire-level fake on 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Iterator
+
+import pytest
+
+from helpers.chat import (
+    AuthenticationError,
+    BadRequestError,
+    RateLimitError,
+    UnavailableError,
+    get_chat_model,
+)
+from helpers.cloud import PRESETS, OpenAIChat
+from helpers.secrets import MissingSecretError
+from tests.fakes import FakeServer
+from tests.fakes.openai_fake import start_fake_openai
+
+KEY = "sk-dhllm-test-Secret-Qx9Z"
+WRONG_KEY = "sk-dhllm-wrong-Secret-Vb7K"
+HISTORY = [
+    {"role": "system", "content": "简短回答"},
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "hello"},
+    {"role": "user", "content": "你好吗"},
+]
+ECHO = "echo: 你好吗 (turns=3, system=简短回答)"
+ENV = ["OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_LOG", "DEEPSEEK_API_KEY", "ZHIPUAI_API_KEY",
+       "DASHSCOPE_API_KEY", "MOONSHOT_API_KEY", "VLLM_API_KEY", "DHLLM_API_KEY",
+       *(p.base_url_env for p in PRESETS.values())]
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeServer]:
+    with start_fake_openai(api_key=KEY) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def clean(fake: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.reset()
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+def model(fake: FakeServer, **kwargs: object) -> OpenAIChat:
+    options = {"api_key": KEY, "base_url": fake.base_url, "timeout": 10.0, **kwargs}
+    return OpenAIChat("gpt-4o-mini", **options)  # type: ignore[arg-type]
+
+
+def assert_no_key(*texts: str) -> None:
+    for text in texts:
+        for secret in (KEY, WRONG_KEY):
+            assert secret not in text and secret[-4:] not in text, text
+
+
+def test_chat_with_history_and_system(fake: FakeServer) -> None:
+    assert model(fake).chat(HISTORY) == ECHO
+    [request] = fake.model_requests
+    assert request.headers["authorization"] == f"Bearer {KEY}"
+    assert request.json["messages"] == HISTORY
+    assert request.json["model"] == "gpt-4o-mini" and not request.json.get("stream")
+
+
+def test_stream_yields_pieces_of_the_same_answer(fake: FakeServer) -> None:
+    pieces = list(model(fake).stream(HISTORY))
+    assert len(pieces) > 1 and "".join(pieces) == ECHO
+    assert fake.model_requests[0].json["stream"] is True
+
+
+def test_params_mapping(fake: FakeServer) -> None:
+    chat = model(fake)
+    answer = chat.chat(HISTORY, max_new_tokens=2, temperature=0, top_p=0.5, seed=7,
+                       stop=["never"])
+    assert answer == "echo: 你好吗"  # cut at max_tokens=2 words by the fake
+    body = fake.model_requests[0].json
+    assert (body["max_tokens"], body["temperature"], body["top_p"], body["seed"],
+            body["stop"]) == (2, 0, 0.5, 7, ["never"])
+    assert "top_k" not in body and "repetition_penalty" not in body
+    assert chat.chat(HISTORY, stop=" (turns") == "echo: 你好吗"
+
+
+def test_top_k_dropped_with_warning_where_unsupported(fake: FakeServer) -> None:
+    with pytest.warns(UserWarning, match="top_k"):
+        model(fake).chat(HISTORY, top_k=5)
+    assert "top_k" not in fake.model_requests[0].json
+
+
+def test_top_k_and_repetition_penalty_as_extra_body_where_supported(fake: FakeServer) -> None:
+    chat = OpenAIChat.from_preset("vllm", "some-model", base_url=fake.base_url, api_key=KEY)
+    chat.chat(HISTORY, top_k=5, repetition_penalty=1.1)
+    body = fake.model_requests[0].json
+    assert (body["top_k"], body["repetition_penalty"], body["model"]) == (5, 1.1, "some-model")
+
+
+def test_429_then_200_is_retried(fake: FakeServer) -> None:
+    fake.fail_next(429, times=2, retry_after=0.05)
+    assert model(fake).chat(HISTORY) == ECHO
+    assert len(fake.model_requests) == 3
+
+
+def test_429_until_retries_run_out(fake: FakeServer) -> None:
+    fake.fail_next(429, times=3, retry_after=0.05)
+    with pytest.raises(RateLimitError) as info:
+        model(fake, max_retries=2).chat(HISTORY)
+    assert len(fake.model_requests) == 3
+    assert "Rate limit reached" in info.value.provider_message
+    assert info.value.retry_after == pytest.approx(0.05)
+
+
+def test_401_is_not_retried_and_keeps_the_provider_message(fake: FakeServer) -> None:
+    with pytest.raises(AuthenticationError) as info:
+        OpenAIChat("gpt-4o-mini", api_key=WRONG_KEY, base_url=fake.base_url).chat(HISTORY)
+    assert len(fake.model_requests) == 1
+    error = info.value
+    assert "Incorrect API key provided" in error.provider_message
+    assert "OPENAI_API_KEY" in str(error)
+    assert_no_key(str(error), repr(error), error.provider_message,
+                  "".join(traceback.format_exception(error)))
+
+
+def test_500s_become_unavailable_after_retries(fake: FakeServer) -> None:
+    fake.fail_next(500, times=3, retry_after=0.01)
+    with pytest.raises(UnavailableError, match="500") as info:
+        model(fake, max_retries=2).chat(HISTORY)
+    assert len(fake.model_requests) == 3
+    assert "server had an error" in info.value.provider_message
+
+
+def test_503_once_then_answer(fake: FakeServer) -> None:
+    fake.fail_next(503, retry_after=0.01)
+    assert model(fake).chat(HISTORY) == ECHO
+
+
+def test_timeout_becomes_unavailable(fake: FakeServer) -> None:
+    fake.delay_next(1.0)
+    with pytest.raises(UnavailableError, match="timeout"):
+        model(fake, timeout=0.3, max_retries=0).chat(HISTORY)
+
+
+def test_400_is_a_bad_request_not_retried(fake: FakeServer) -> None:
+    fake.fail_next(400, message="Invalid value for 'temperature'.")
+    with pytest.raises(BadRequestError) as info:
+        model(fake).chat(HISTORY)
+    assert info.value.provider_message == "Invalid value for 'temperature'."
+    assert len(fake.model_requests) == 1
+
+
+def test_404_model_says_so(fake: FakeServer) -> None:
+    fake.fail_next(404)
+    with pytest.raises(BadRequestError, match="model name"):
+        model(fake).chat(HISTORY)
+
+
+def test_stream_errors_are_mapped_and_retried(fake: FakeServer) -> None:
+    fake.fail_next(429, retry_after=0.05)
+    assert "".join(model(fake).stream(HISTORY)) == ECHO
+    assert len(fake.model_requests) == 2
+    with pytest.raises(AuthenticationError):
+        list(OpenAIChat("m", api_key=WRONG_KEY, base_url=fake.base_url).stream(HISTORY))
+
+
+def test_connection_refused_is_unavailable() -> None:
+    from tests.fakes import free_port
+
+    chat = OpenAIChat("m", api_key=KEY, base_url=f"http://127.0.0.1:{free_port()}/v1",
+                      max_retries=0)
+    with pytest.raises(UnavailableError, match="cannot connect"):
+        chat.chat(HISTORY)
+
+
+def test_missing_key_fails_before_any_request(fake: FakeServer) -> None:
+    with pytest.raises(MissingSecretError, match="OPENAI_API_KEY") as info:
+        OpenAIChat("gpt-4o-mini", base_url=fake.base_url)
+    assert "https://platform.openai.com/api-keys" in str(info.value)
+    with pytest.raises(MissingSecretError, match="ZHIPUAI_API_KEY"):
+        get_chat_model("zhipu:glm-4-flash", base_url=fake.base_url)
+    assert fake.requests == []
+
+
+def test_key_and_base_url_from_the_environment(fake: FakeServer,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("OPENAI_BASE_URL", fake.base_url)  # read by the openai SDK itself
+    assert get_chat_model("openai:gpt-4o-mini").chat(HISTORY) == ECHO
+    assert fake.model_requests[0].headers["authorization"] == f"Bearer {KEY}"
+
+
+def test_preset_base_url_override_and_explicit_wins(fake: FakeServer,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZHIPUAI_API_KEY", KEY)
+    monkeypatch.setenv("DHLLM_ZHIPU_BASE_URL", fake.base_url)
+    zhipu = get_chat_model("zhipu:glm-4-flash")
+    assert zhipu.chat(HISTORY) == ECHO
+    assert fake.model_requests[0].json["model"] == "glm-4-flash"
+    explicit = get_chat_model("zhipu", base_url="http://127.0.0.1:9/v1")
+    assert explicit.base_url.startswith("http://127.0.0.1:9/v1")
+
+
+def test_local_servers_need_no_key(fake: FakeServer) -> None:
+    fake.state.api_key = None  # like a local vLLM / Ollama started without --api-key
+    try:
+        for spec in ("ollama:qwen2.5:1.5b", "vllm:m", "dhllm:embedded"):
+            assert get_chat_model(spec, base_url=fake.base_url).chat(HISTORY) == ECHO
+        assert fake.model_requests[0].json["model"] == "qwen2.5:1.5b"
+    finally:
+        fake.state.api_key = KEY
+
+
+def test_no_key_in_repr_errors_or_logs(fake: FakeServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)  # the SDK and httpx log requests at DEBUG
+    chat = model(fake)
+    fake.fail_next(429, retry_after=0.01)
+    chat.chat(HISTORY)
+    list(chat.stream(HISTORY))
+    with pytest.raises(AuthenticationError) as info:
+        OpenAIChat("gpt-4o-mini", api_key=WRONG_KEY, base_url=fake.base_url).chat(HISTORY)
+    assert caplog.records, "expected the SDK's debug logs to be captured"
+    logged = [r.getMessage() + repr(r.args) + repr(r.__dict__) for r in caplog.records]
+    assert_no_key(repr(chat), str(chat.__repr__()), str(info.value), repr(info.value), *logged)
