@@ -1,0 +1,66 @@
+"""Notebook structure: badge, title, one identical setup cell, Chinese prose, stripped outputs."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from helpers.config import REPO_URL
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+NAMES = ["01_download.ipynb", "02_linly_api.ipynb", "03_qwen.ipynb", "04_cloud_llms.ipynb"]
+
+
+def load(path: Path) -> list[dict]:
+    return json.loads(path.read_text(encoding="utf-8"))["cells"]
+
+
+def source(cell: dict) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def setup_cell(path: Path) -> str:
+    return next(source(c) for c in load(path) if c["cell_type"] == "code")
+
+
+def test_the_four_notebooks_exist():
+    assert [p.name for p in NOTEBOOKS] == NAMES
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_structure(path: Path):
+    cells = load(path)
+    first = source(cells[0])
+    assert f"colab.research.google.com/github/{REPO_URL.split('github.com/')[1]}/blob/main/notebooks/{path.name}" in first
+    assert re.search(r"^# \S", first, re.M), "a title"
+    markdown = "\n".join(source(c) for c in cells if c["cell_type"] == "markdown")
+    for heading in ["## 你将学到", "## 准备工作", "## 小结"]:
+        assert heading in markdown, heading
+    chinese = len(re.findall(r"[\u4e00-\u9fff]", markdown))
+    assert chinese > 400, "prose in Chinese"
+    assert json.loads(path.read_text())["metadata"]["kernelspec"]["name"] == "python3"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_outputs_are_stripped_and_nothing_asks_for_input(path: Path):
+    for cell in load(path):
+        if cell["cell_type"] == "code":
+            assert cell.get("outputs") == [] and cell.get("execution_count") is None
+            assert not re.search(r"\bgetpass\b|\binput\(", source(cell))
+
+
+def test_setup_cell_is_identical_and_uses_the_one_repository_address():
+    cells = {setup_cell(p) for p in NOTEBOOKS}
+    assert len(cells) == 1
+    cell = cells.pop()
+    assert f'REPO_URL = "{REPO_URL}"' in cell
+    assert REPO_URL in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_notebooks_link_to_the_next():
+    for path, following in zip(NOTEBOOKS, NAMES[1:] + NAMES[:1], strict=True):
+        assert f"]({following})" in source(load(path)[-1])
