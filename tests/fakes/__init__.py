@@ -118,3 +118,25 @@ def serve(app: Any, state: FakeState, port: int | None, base_path: str) -> FakeS
 def answer_for(last_user: str, turns: int, system: str) -> str:
     """The fakes' deterministic answer: shows what arrived, so mapping is provable end to end."""
     return f"echo: {last_user} (turns={turns}, system={system or 'none'})"
+
+
+def provider_env(openai: FakeServer | None = None, gemini: FakeServer | None = None,
+                 key: str = "sk-fake-key") -> dict[str, str]:
+    """Environment variables that point every cloud backend at the fakes, with dummy keys.
+
+    For a notebook-test harness: set these in the kernel's environment before it starts, and
+    ``get_chat_model("zhipu:glm-4-flash")``, ``"gemini:gemini-2.5-flash"``, ... reach the fakes.
+    """
+    from helpers.cloud import GEMINI_KEY_ENVS, PRESETS
+
+    env: dict[str, str] = {}
+    if openai is not None:
+        env["OPENAI_BASE_URL"] = openai.base_url  # read by the openai SDK itself
+        for preset in PRESETS.values():
+            env[preset.base_url_env] = openai.base_url  # DHLLM_<PRESET>_BASE_URL
+            if preset.key_env:
+                env[preset.key_env] = key
+    if gemini is not None:
+        env["GOOGLE_GEMINI_BASE_URL"] = gemini.base_url  # read by google-genai
+        env[GEMINI_KEY_ENVS[0]] = key
+    return env
