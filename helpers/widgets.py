@@ -51,10 +51,11 @@ class ChatBox(widgets.VBox):
         self.send_button.add_class("dhllm-chat-send")
         self.clear_button = widgets.Button(description="清空", icon="trash")
         self.clear_button.add_class("dhllm-chat-clear")
-        self.status = widgets.HTML(value=self._idle_status())
+        self._streaming = False
+        self.status = widgets.HTML()
         self.status.add_class("dhllm-chat-status")
 
-        self.send_button.on_click(lambda _button: self.ask())
+        self.send_button.on_click(lambda _button: self._ask_soon())
         self.clear_button.on_click(lambda _button: self.clear())
         # Enter in the box: ipywidgets 8 deprecates Text.on_submit but still sends the "submit"
         # event, so listen for it directly.
@@ -110,7 +111,7 @@ class ChatBox(widgets.VBox):
     @property
     def busy(self) -> bool:
         """True while an answer is streaming."""
-        return self._thread is not None and self._thread.is_alive()
+        return self._streaming
 
     @property
     def transcript(self) -> list[tuple[str, str]]:
@@ -119,9 +120,19 @@ class ChatBox(widgets.VBox):
 
     # -- internals --------------------------------------------------------------------------
 
+    # The browser throttles a text box's value updates (one message in flight per widget) but
+    # sends clicks and Enter at once, so the last keystrokes can reach the kernel just *after*
+    # the click. Reading the value a moment later gets all of it.
+    SETTLE_S = 0.3
+
+    def _ask_soon(self) -> None:
+        timer = threading.Timer(self.SETTLE_S, self.ask)
+        timer.daemon = True
+        timer.start()
+
     def _on_input_msg(self, _widget: Any, content: dict[str, Any], _buffers: Any) -> None:
         if content.get("event") == "submit":
-            self.ask()
+            self._ask_soon()
 
     def _answer(self, messages: list[dict[str, str]]) -> None:
         answer = ""
@@ -144,12 +155,14 @@ class ChatBox(widgets.VBox):
             self._render()
 
     def _set_busy(self, busy: bool) -> None:
+        self._streaming = busy
         self.send_button.disabled = busy
         self.clear_button.disabled = busy
-        self.status.value = "<i>正在生成回答……</i>" if busy else self._idle_status()
 
-    def _idle_status(self) -> str:
-        turns = len(self.history) // 2
+    def _status(self) -> str:
+        if self._streaming:
+            return "<small><i>正在生成回答……</i></small>"
+        turns = sum(1 for m in self.history if m["role"] == "assistant")
         return f"<small>服务器 {html.escape(self.url)} · 已有 {turns} 轮对话</small>"
 
     def _render(self) -> None:
@@ -160,7 +173,9 @@ class ChatBox(widgets.VBox):
                 f'<div class="dhllm-msg dhllm-msg-{kind}" style="{_STYLES[kind]}">'
                 f"<b>{_LABELS[kind]}：</b>{body}</div>"
             )
-        self.conversation.value = "".join(parts) or '<div class="dhllm-msg-empty"><i>还没有对话。</i></div>'
+        empty = '<div class="dhllm-msg-empty"><i>还没有对话。</i></div>'
+        self.conversation.value = "".join(parts) or empty
+        self.status.value = self._status()
 
 
 def describe_error(exc: BaseException, url: str = DEFAULT_URL) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -94,12 +95,39 @@ def test_empty_input_sends_nothing() -> None:
     assert stream.calls == []
 
 
+def wait_for_answer(box: ChatBox, turns: int, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(m["role"] == "assistant" for m in box.history) < turns:
+        assert time.monotonic() < deadline, box.transcript
+        time.sleep(0.01)
+
+
 def test_enter_in_the_text_box_sends() -> None:
     box = ChatBox(FakeStream())
     box.input.value = "hi"
     box._on_input_msg(box.input, {"event": "submit"}, [])
-    box.wait(5)
+    wait_for_answer(box, 1)
     assert box.transcript == [("user", "hi"), ("assistant", "Hello!")]
+
+
+def test_click_reads_keystrokes_that_arrive_just_after_it() -> None:
+    box = ChatBox(FakeStream())
+    box.input.value = "What is the cap"
+    box.send_button.click()  # what the button's "click" message does
+    box.input.value = "What is the capital?"  # the browser's throttled last value update
+    wait_for_answer(box, 1)
+    assert box.history[0] == {"role": "user", "content": "What is the capital?"}
+
+
+def test_status_counts_turns_and_clear_resets_it() -> None:
+    box = ChatBox(FakeStream([["A1"], ["A2"]]))
+    box.ask("Q1")
+    box.wait(5)
+    box.ask("Q2")
+    box.wait(5)
+    assert "2 轮对话" in box.status.value
+    box.clear()
+    assert "0 轮对话" in box.status.value
 
 
 def test_user_text_is_escaped() -> None:

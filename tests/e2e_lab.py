@@ -1,0 +1,212 @@
+"""Drive JupyterLab in Debian's Chromium the way a learner does: open, Run All, read, click.
+
+Used by tests/test_browser_e2e.py. Everything runs on 127.0.0.1 in temporary folders: its own
+Jupyter config/runtime/data dirs and a copy of the notebooks, so autosave never touches the
+checkout and no earlier kernel or saved output can make a check pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+# Without the networking flags Chromium keeps calling home, which floods a closed network.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+KERNEL_IDLE = re.compile(r"Python 3 \(ipykernel\) \| Idle")
+ERROR_OUTPUT = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
+
+
+def chromium_missing_reason() -> str | None:
+    """Why the browser test cannot run here, or None when it can."""
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install -e '.[dev]')"
+    return None
+
+
+def strip_notebook(path: Path) -> None:
+    """Remove every output and execution count, so only a real run can produce them."""
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = []
+            cell.execution_count = None
+    nbformat.write(nb, path)
+
+
+def copy_tree_for_lab(target: Path, folders: tuple[str, ...] = ("notebooks", "docs")) -> Path:
+    """Copy the notebooks (and the pictures they show) into ``target``, outputs stripped."""
+    for name in folders:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, target / name, ignore=shutil.ignore_patterns(
+                ".ipynb_checkpoints", "__pycache__"))
+    for notebook in target.rglob("*.ipynb"):
+        strip_notebook(notebook)
+    return target
+
+
+class JupyterLab:
+    """``jupyter lab --no-browser`` on 127.0.0.1 with a token and throw-away config dirs."""
+
+    def __init__(self, root: Path, state: Path, port: int, env: Mapping[str, str] = ()) -> None:
+        self.root, self.state, self.port = root, state, port
+        self.token = secrets.token_hex(16)
+        self.url = f"http://127.0.0.1:{port}"
+        self.extra_env = dict(env)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = state / "jupyter.log"
+
+    def __enter__(self) -> JupyterLab:
+        config, runtime, data = (self.state / d for d in ("config", "runtime", "data"))
+        # The "get notified about Jupyter news?" toast would cover the notebook.
+        settings = config / "lab/user-settings/@jupyterlab/apputils-extension"
+        settings.mkdir(parents=True)
+        (settings / "notification.jupyterlab-settings").write_text(
+            json.dumps({"fetchNews": "false", "checkForUpdates": False})
+        )
+        runtime.mkdir()
+        data.mkdir()
+        env = {**os.environ, **self.extra_env, "JUPYTER_CONFIG_DIR": str(config),
+               "JUPYTER_RUNTIME_DIR": str(runtime), "JUPYTER_DATA_DIR": str(data),
+               "JUPYTER_PLATFORM_DIRS": "1"}
+        jupyter = Path(sys.executable).parent / "jupyter"
+        cmd = [str(jupyter), "lab", "--no-browser", "--ip=127.0.0.1", f"--port={self.port}",
+               f"--ServerApp.token={self.token}", "--allow-root",
+               f"--ServerApp.root_dir={self.root}", "--ServerApp.port_retries=0"]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"jupyter lab exited at start:\n{self.log()}")
+            with contextlib.suppress(requests.RequestException):
+                if self.api("GET", "status").ok:
+                    return self
+            time.sleep(0.2)
+        self.__exit__()
+        raise TimeoutError(f"jupyter lab did not answer within 60 s:\n{self.log()}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: the server shuts its kernels down
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def api(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """Call the Jupyter server's REST API with the token."""
+        headers = {"Authorization": f"token {self.token}"}
+        return requests.request(method, f"{self.url}/api/{path}", headers=headers, timeout=10,
+                                **kwargs)
+
+    def reset(self, notebook: str) -> None:
+        """Delete the notebook's sessions (stopping their kernels) and strip its outputs."""
+        for session in self.api("GET", "sessions").json():
+            if session.get("path") == notebook:
+                self.api("DELETE", f"sessions/{session['id']}")
+        strip_notebook(self.root / notebook)
+
+    def lab_url(self, notebook: str) -> str:
+        # ``reset`` keeps JupyterLab from restoring tabs and kernels of an earlier visit.
+        return f"{self.url}/lab/tree/{notebook}?reset&token={self.token}"
+
+    def log(self, tail: int = 4000) -> str:
+        """The server's log (the kernels' stderr lands here too)."""
+        return self.log_path.read_text(errors="replace")[-tail:] if self.log_path.exists() else ""
+
+
+@contextlib.contextmanager
+def chromium_page(user_data_dir: Path, width: int = 1280, height: int = 900) -> Iterator[Any]:
+    """A playwright page in headless Debian Chromium with a fresh profile."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(user_data_dir), executable_path=str(CHROMIUM), headless=True,
+            args=CHROMIUM_ARGS, viewport={"width": width, "height": height}, locale="zh-CN",
+        )
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            yield page
+        finally:
+            context.close()
+
+
+def wait_kernel_idle(page: Any, timeout_s: float) -> None:
+    """Wait until the status bar says the kernel is idle (the toolbar is 'idle' before a kernel)."""
+    from playwright.sync_api import expect
+
+    expect(page.locator("#jp-main-statusbar")).to_contain_text(KERNEL_IDLE, timeout=timeout_s * 1000)
+
+
+def run_all_and_wait(page: Any, timeout_s: float) -> None:
+    """Run > Run All Cells, then wait until no cell is queued or running and the kernel idles."""
+    page.locator("#jp-MainMenu .lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+    page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click()
+    deadline = time.monotonic() + timeout_s
+    # "[*]:" marks queued and running cells; Run All stops at the first error, leaving "[ ]:".
+    busy = page.locator(".jp-Cell .jp-InputPrompt", has_text="[*]")
+    settled_since = None
+    while time.monotonic() < deadline:
+        idle = bool(KERNEL_IDLE.search(page.locator("#jp-main-statusbar").inner_text()))
+        if idle and busy.count() == 0:
+            settled_since = settled_since or time.monotonic()
+            if time.monotonic() - settled_since > 1.5:  # idle between two cells is not the end
+                return
+        else:
+            settled_since = None
+        page.wait_for_timeout(250)
+    raise TimeoutError(f"Run All did not finish within {timeout_s:.0f} s")
+
+
+def error_outputs(page: Any) -> list[str]:
+    """Texts of the error outputs (tracebacks) shown in the notebook."""
+    return [el.inner_text()[-2000:] for el in page.locator(ERROR_OUTPUT).all()
+            if _is_error(el)]
+
+
+def _is_error(el: Any) -> bool:
+    # stderr (warnings, logs, tqdm) and errors share the mime type; only errors carry a traceback.
+    text = el.inner_text()
+    return "Traceback" in text or bool(re.search(r"^\w*(Error|Exception)\b", text, re.M))
+
+
+def unexecuted_code_cells(page: Any) -> int:
+    """Code cells whose prompt shows no execution count."""
+    prompts = page.locator(".jp-CodeCell .jp-InputArea-prompt").all_inner_texts()
+    return sum(1 for p in prompts if not re.search(r"\[\d+\]", p))
+
+
+def saved_errors(notebook: Path) -> list[str]:
+    """Error outputs in the notebook file as saved by JupyterLab."""
+    nb = nbformat.read(notebook, as_version=4)
+    return [f"{o.get('ename')}: {o.get('evalue')}" for c in nb.cells if c.cell_type == "code"
+            for o in c.get("outputs", []) if o.get("output_type") == "error"]
