@@ -45,7 +45,7 @@ from helpers.chat import (
     UnavailableError,
     validate_messages,
 )
-from helpers.secrets import MissingSecretError, get_secret, has_secret, redact
+from helpers.secrets import KEY_SOURCES, MissingSecretError, get_secret, has_secret, redact
 
 DEFAULT_TIMEOUT = 60.0  # seconds, for each HTTP request
 DEFAULT_MAX_RETRIES = 3
@@ -115,15 +115,19 @@ def _safe_url(url: str | None) -> str | None:
     return re.sub(r"//[^/@]*@", "//", url) if url else url
 
 
-def _warn_dropped(provider: str, gen: GenerationParams, supported: Sequence[str]) -> list[str]:
-    """Names of non-default params this provider cannot take; warned about, not silently lost."""
+def _warn_dropped(provider: str, gen: GenerationParams, supported: Sequence[str],
+                  warned: set[str]) -> list[str]:
+    """Non-default params this provider cannot take: dropped, with one warning per backend
+    (the chapter's POST / sends top_k and repetition_penalty with every request)."""
     defaults = GenerationParams()
     dropped = [
         name for name in ("top_k", "repetition_penalty")
         if getattr(gen, name) != getattr(defaults, name) and name not in supported
     ]
-    if dropped:
-        warnings.warn(f"{provider} has no {' / '.join(dropped)}: ignored", stacklevel=4)
+    new = [name for name in dropped if name not in warned]
+    if new:
+        warned.update(new)
+        warnings.warn(f"{provider} has no {' / '.join(new)}: ignored", stacklevel=4)
     return dropped
 
 
@@ -161,6 +165,7 @@ class OpenAIChat(ChatModel):
         self.timeout = timeout
         key = api_key or self._key_from_secrets()  # raises MissingSecretError before any request
         self._secrets = (key,)
+        self._warned: set[str] = set()
         self.client = openai.OpenAI(
             api_key=key,
             base_url=self.base_url,
@@ -178,7 +183,8 @@ class OpenAIChat(ChatModel):
     def _key_from_secrets(self) -> str:
         env = self.preset.key_env
         if env and (self.preset.key_required or has_secret(env)):
-            return get_secret(env, purpose=f"the {self.preset.name} API")
+            purpose = None if env in KEY_SOURCES else f"the {self.preset.name} API"
+            return get_secret(env, purpose=purpose)
         return "not-needed"  # local servers without auth; the SDK insists on some key
 
     def __repr__(self) -> str:
@@ -198,7 +204,7 @@ class OpenAIChat(ChatModel):
             request["seed"] = gen.seed
         if gen.stop:
             request["stop"] = list(gen.stop)
-        dropped = _warn_dropped(self.name, gen, self.preset.extra_params)
+        dropped = _warn_dropped(self.name, gen, self.preset.extra_params, self._warned)
         extra = {
             name: getattr(gen, name) for name in ("top_k", "repetition_penalty")
             if name in self.preset.extra_params and name not in dropped
@@ -328,6 +334,7 @@ class GeminiChat(ChatModel):
         self.thinking_budget = thinking_budget
         key = api_key or self._key_from_secrets()  # raises MissingSecretError before any request
         self._secrets = (key,)
+        self._warned: set[str] = set()
         http_options = types.HttpOptions(
             timeout=int(timeout * 1000),  # milliseconds
             # No base_url unless given: an explicit one would override GOOGLE_GEMINI_BASE_URL.
@@ -362,7 +369,7 @@ class GeminiChat(ChatModel):
                           parts=[types.Part(text=m["content"])])
             for m in messages if m["role"] != "system"
         ]
-        _warn_dropped(self.name, gen, ("top_k",))
+        _warn_dropped(self.name, gen, ("top_k",), self._warned)
         config = types.GenerateContentConfig(
             system_instruction=system or None,
             max_output_tokens=gen.max_new_tokens,
