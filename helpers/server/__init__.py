@@ -1,8 +1,83 @@
 """The API server: the chapter's ``POST /`` and an OpenAI-compatible ``/v1``.
 
-(Placeholder: the server issue fills in ``create_app`` and ``serve_in_background``.)
+Import-light on purpose (no torch, no FastAPI at import time): ``create_app``, ``serve`` and
+``serve_in_background`` import what they need when called.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from helpers.server.background import PortInUseError, ServerHandle, start_uvicorn
 
-__all__ = ["PortInUseError", "ServerHandle", "start_uvicorn"]
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from helpers.chat import ChatModel
+    from helpers.config import Settings
+
+__all__ = [
+    "PortInUseError",
+    "ServerHandle",
+    "create_app",
+    "serve",
+    "serve_in_background",
+    "start_uvicorn",
+]
+
+
+def create_app(chat_model: ChatModel, settings: Settings | None = None) -> FastAPI:
+    """A FastAPI app serving ``chat_model`` (see ``helpers.server.app``)."""
+    from helpers.server.app import create_app as _create_app
+
+    return _create_app(chat_model, settings)
+
+
+def serve_in_background(
+    app_or_model: Any, host: str = "127.0.0.1", port: int = 7871, **settings: Any
+) -> ServerHandle:
+    """Serve an app or a ChatModel from a daemon thread; return once ``/health`` answers.
+
+    ``settings`` override ``helpers.config.Settings`` fields (``api_key``, ``max_batch_size``,
+    ...) when a ChatModel is given. Raises PortInUseError at once when the port is taken.
+    """
+    from helpers.chat import ChatModel
+    from helpers.config import get_settings
+
+    app = app_or_model
+    if isinstance(app_or_model, ChatModel):
+        app = create_app(app_or_model, get_settings(host=host, port=port, **settings))
+    elif settings:
+        raise TypeError("settings apply only when a ChatModel is given; build the app with them")
+    return start_uvicorn(app, host=host, port=port)
+
+
+def serve(
+    model_spec: str = "embedded",
+    host: str = "127.0.0.1",
+    port: int = 7871,
+    api_key: str | None = None,
+    log_prompts: bool = False,
+) -> None:
+    """Load ``model_spec`` and serve it until Ctrl-C (the ``dhllm serve`` command)."""
+    import logging
+
+    import uvicorn
+
+    from helpers.chat import get_chat_model
+    from helpers.config import get_settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("dhllm.server").setLevel(logging.INFO)
+    overrides: dict[str, Any] = {"host": host, "port": port, "log_prompts": log_prompts}
+    if api_key:
+        overrides["api_key"] = api_key
+    settings = get_settings(**overrides)
+    from helpers.server.background import ensure_port_free
+
+    ensure_port_free(host, port)  # fail before minutes of model loading, not after
+    chat_model = get_chat_model(model_spec)
+    app = create_app(chat_model, settings)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    print(f"serving {model_spec} on http://{shown}:{port}  (docs: http://{shown}:{port}/docs)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

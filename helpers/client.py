@@ -1,0 +1,143 @@
+"""HTTP client for the dhllm server (or any server with the same contracts); knows only HTTP.
+
+- ``get_completion(prompt)``: the chapter's one-liner against ``POST /``;
+- ``LinlyClient``: ``.chat(prompt, history)`` on ``POST /``, ``.stream(messages)`` on
+  ``/v1/chat/completions`` (Server-Sent Events), ``.health()``;
+- ``stream_sentences(chunks)``: regroup a text stream into whole sentences for text-to-speech.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import requests
+
+DEFAULT_URL = "http://127.0.0.1:7871"
+
+
+class ServerError(RuntimeError):
+    """The server answered 4xx/5xx; ``status`` and the server's own ``message`` are kept."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        where = f" (field: {param})" if param else ""
+        super().__init__(f"server answered {status}: {message}{where}")
+        self.status = status
+        self.message = message
+        self.param = param
+
+
+def _raise_for_status(response: requests.Response) -> None:
+    if response.status_code < 400:
+        return
+    message, param = response.text.strip() or response.reason, None
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):  # OpenAI's shape
+            message, param = str(error.get("message", message)), error.get("param")
+        elif "detail" in body:
+            message, param = str(body["detail"]), body.get("param")
+    raise ServerError(response.status_code, message, param)
+
+
+def get_completion(prompt: str, url: str = DEFAULT_URL, **params: Any) -> str:
+    """The chapter's ``get_completion``: POST the prompt, return ``response``."""
+    headers = {"Content-Type": "application/json"}
+    data = {"prompt": prompt, **params}
+    response = requests.post(url=url, headers=headers, data=json.dumps(data), timeout=600)
+    _raise_for_status(response)
+    return response.json()["response"]
+
+
+class LinlyClient:
+    """A client for both contracts of one server."""
+
+    def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None,
+                 timeout: float = 600.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+
+    def health(self) -> dict[str, Any]:
+        """``GET /health``: model name, engine kind and counters."""
+        response = self.session.get(f"{self.url}/health", timeout=10)
+        _raise_for_status(response)
+        return response.json()
+
+    def chat(self, prompt: str, history: Sequence[Any] | None = None,
+             **params: Any) -> tuple[str, list[list[str]]]:
+        """``POST /``: the answer and the new history (pass it back for the next turn)."""
+        body = {"prompt": prompt, "history": list(history or []), **params}
+        response = self.session.post(f"{self.url}/", json=body, timeout=self.timeout)
+        _raise_for_status(response)
+        data = response.json()
+        return data["response"], data["history"]
+
+    def stream(self, messages: Sequence[dict[str, str]] | str, **params: Any) -> Iterator[str]:
+        """Text pieces from ``/v1/chat/completions`` with ``stream: true``, as they arrive.
+
+        ``messages`` may be a plain string (one user message). Closing the iterator closes the
+        connection, which stops the server's generation for this request.
+        """
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        body = {"messages": list(messages), "stream": True, **params}
+        response = self.session.post(f"{self.url}/v1/chat/completions", json=body,
+                                     stream=True, timeout=self.timeout)
+        with response:
+            _raise_for_status(response)
+            for line in response.iter_lines(decode_unicode=False):
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    error = chunk["error"]
+                    raise ServerError(int(error.get("code") or 500), error.get("message", ""),
+                                      error.get("param"))
+                for choice in chunk.get("choices", []):
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        yield text
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> LinlyClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# A sentence ends at Chinese or English end punctuation (with any closing quotes/brackets after
+# it), at a newline, or at an English full stop followed by whitespace.
+_SENTENCE_END = re.compile(r"(?:[。！？!?…]+[”’\"')）》」』]*|\n+|\.(?=\s))")
+
+
+def stream_sentences(chunks: Iterable[str]) -> Iterator[str]:
+    """Regroup text pieces into whole sentences (for TTS); the unfinished rest comes last."""
+    buffer = ""
+    for chunk in chunks:
+        buffer += chunk
+        while True:
+            match = _SENTENCE_END.search(buffer)
+            # Punctuation at the very end may still grow ("!" + "!", "…" + "…", a closing quote).
+            if match is None or (match.end() == len(buffer) and match.group()[0] != "\n"):
+                break
+            sentence, buffer = buffer[: match.end()], buffer[match.end():]
+            sentence = sentence.strip()
+            if sentence:
+                yield sentence
+    if buffer.strip():
+        yield buffer.strip()

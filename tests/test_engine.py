@@ -1,0 +1,166 @@
+"""The batching engine: batched output equals one-by-one output, rows join and leave mid-flight."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from helpers.chat import ChatModel, GenerationParams, TransformersChat
+from helpers.server.engine import (
+    BatchingEngine,
+    EngineStoppedError,
+    QueueFullError,
+    ThreadedEngine,
+    create_engine,
+)
+
+PROMPTS = ["What is the capital of France?", "Name three colors.",
+           "Write one sentence about the sea.", "你好，请介绍一下你自己。"]
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture
+def engine(tiny_chat: TransformersChat) -> Iterator[BatchingEngine]:
+    eng = BatchingEngine(tiny_chat, max_batch_size=8, max_queue=8)
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+# Greedy with a repetition penalty: the random tiny model then says varied tokens, not one.
+GREEDY = GenerationParams(max_new_tokens=12, temperature=0, repetition_penalty=1.3)
+
+
+def test_batched_greedy_equals_sequential_and_generate(engine, tiny_chat):
+    sequential = ["".join(engine.submit(user(p), GREEDY)) for p in PROMPTS]
+    streams = [engine.submit(user(p), GREEDY) for p in PROMPTS]
+    batched = ["".join(s) for s in streams]
+    reference = [tiny_chat.chat(user(p), **vars(GREEDY)) for p in PROMPTS]  # model.generate
+    assert batched == sequential == reference
+    assert len(set(batched)) > 1
+    assert engine.stats.max_batch_seen > 1  # they really ran together
+    assert all(s.finish.completion_tokens == 12 and s.finish.reason == "length" for s in streams)
+
+
+def test_rows_joining_a_running_batch_get_their_solo_output(engine):
+    long = GenerationParams(max_new_tokens=40, temperature=0, repetition_penalty=1.3)
+    solo_long = "".join(engine.submit(user(PROMPTS[2]), long))
+    solo = ["".join(engine.submit(user(p), GREEDY)) for p in PROMPTS[:2]]
+    first = engine.submit(user(PROMPTS[2]), long)
+    pieces = iter(first)
+    head = [next(pieces) for _ in range(5)]  # the first row is mid-flight now
+    joined = [engine.submit(user(p), GREEDY) for p in PROMPTS[:2]]
+    assert ["".join(s) for s in joined] == solo
+    assert "".join(head) + "".join(pieces) == solo_long
+    assert engine.stats.prefills >= 2 and engine.stats.max_batch_seen >= 2
+
+
+def test_cancel_stops_one_row_without_disturbing_others(engine):
+    other_solo = "".join(engine.submit(user(PROMPTS[0]), GREEDY))
+    victim = engine.submit(user(PROMPTS[1]), GenerationParams(max_new_tokens=1500, temperature=0))
+    other = engine.submit(user(PROMPTS[0]), GREEDY)
+    next(iter(victim))
+    victim.cancel()
+    assert "".join(other) == other_solo
+    list(victim)  # drains to the end of the stream
+    assert victim.finish.reason == "cancelled"
+    assert victim.finish.completion_tokens < 1500
+    assert engine.stats.cancelled == 1
+
+
+def test_per_row_limits_stop_strings_and_seeds(engine):
+    sampled = GenerationParams(max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    streams = [
+        engine.submit(user("a"), GenerationParams(max_new_tokens=3, temperature=0)),
+        engine.submit(user("b"), sampled),
+        engine.submit(user("b"), sampled),
+        engine.submit(user("c"), GenerationParams(max_new_tokens=9, temperature=0.5, seed=1)),
+    ]
+    texts = ["".join(s) for s in streams]
+    assert [s.finish.completion_tokens for s in streams][0] == 3
+    assert texts[1] == texts[2]  # one seed, one text, even side by side in a batch
+    # A stop string taken from a greedy reply cuts the reply just before it.
+    full = "".join(engine.submit(user("d"), GREEDY))
+    cut = full.strip().split()[1]
+    stopped = engine.submit(user("d"), GenerationParams(
+        max_new_tokens=12, temperature=0, repetition_penalty=1.3, stop=(cut,)))
+    text = "".join(stopped)
+    assert text == full[: full.index(cut)] and stopped.finish.reason == "stop"
+
+
+def test_queue_full_and_stopped_engine(tiny_chat):
+    eng = BatchingEngine(tiny_chat, max_batch_size=1, max_queue=1)
+    with pytest.raises(EngineStoppedError):
+        eng.submit(user("x"), GREEDY)
+    eng.start()
+    try:
+        running = eng.submit(user("x"), GenerationParams(max_new_tokens=1500, temperature=0))
+        next(iter(running))  # in the batch now; the next one waits
+        waiting = eng.submit(user("y"), GREEDY)
+        with pytest.raises(QueueFullError):
+            eng.submit(user("z"), GREEDY)
+        assert eng.stats.rejected == 1
+        running.cancel()
+        assert "".join(waiting)
+    finally:
+        eng.stop()
+
+
+def test_bad_input_is_a_value_error(engine):
+    with pytest.raises(ValueError, match="role"):
+        engine.submit([{"role": "robot", "content": "x"}], GREEDY)
+    with pytest.raises(ValueError, match="context"):
+        engine.submit(user("x"), GenerationParams(max_new_tokens=5000))
+
+
+class GatedChat(ChatModel):
+    """A backend that yields one piece, then waits for the test: proves streaming order."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.seen: list = []
+
+    def stream(self, messages, **params):
+        self.seen.append((messages, params))
+        yield "first. "
+        self.gate.wait(10)
+        yield "second."
+
+
+def test_threaded_engine_streams_any_chat_model():
+    model = GatedChat()
+    eng = create_engine(model, max_workers=2, max_queue=4)
+    assert isinstance(eng, ThreadedEngine)
+    eng.start()
+    try:
+        stream = eng.submit(user("hi"), GenerationParams(max_new_tokens=5, temperature=0.3))
+        pieces = iter(stream)
+        assert next(pieces) == "first. "  # arrives while the backend is still generating
+        model.gate.set()
+        assert list(pieces) == ["second."]
+        assert stream.finish.reason == "stop"
+        assert model.seen[0][1]["temperature"] == 0.3
+    finally:
+        eng.stop()
+
+
+@pytest.mark.slow
+def test_embedded_batched_equals_sequential(embedded_chat):
+    eng = BatchingEngine(embedded_chat, max_batch_size=4)
+    eng.start()
+    try:
+        params = GenerationParams(max_new_tokens=16, temperature=0)
+        prompts = PROMPTS[:3]
+        sequential = ["".join(eng.submit(user(p), params)) for p in prompts]
+        batched = ["".join(s) for s in [eng.submit(user(p), params) for p in prompts]]
+    finally:
+        eng.stop()
+    assert batched == sequential
+    assert "Paris" in batched[0]
