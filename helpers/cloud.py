@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import re
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +46,8 @@ from helpers.chat import (
     validate_messages,
 )
 from helpers.secrets import KEY_SOURCES, MissingSecretError, get_secret, has_secret, redact
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 60.0  # seconds, for each HTTP request
 DEFAULT_MAX_RETRIES = 3
@@ -117,8 +119,8 @@ def _safe_url(url: str | None) -> str | None:
 
 def _warn_dropped(provider: str, gen: GenerationParams, supported: Sequence[str],
                   warned: set[str]) -> list[str]:
-    """Non-default params this provider cannot take: dropped, with one warning per backend
-    (the chapter's POST / sends top_k and repetition_penalty with every request)."""
+    """Non-default params this provider cannot take: dropped, logged once per backend at INFO
+    (not a warning: the chapter's POST / sends its top_k and repetition_penalty every time)."""
     defaults = GenerationParams()
     dropped = [
         name for name in ("top_k", "repetition_penalty")
@@ -127,7 +129,7 @@ def _warn_dropped(provider: str, gen: GenerationParams, supported: Sequence[str]
     new = [name for name in dropped if name not in warned]
     if new:
         warned.update(new)
-        warnings.warn(f"{provider} has no {' / '.join(new)}: ignored", stacklevel=4)
+        log.info("%s has no %s: ignored", provider, " / ".join(new))
     return dropped
 
 
@@ -140,8 +142,8 @@ class OpenAIChat(ChatModel):
 
     Parameters map as max_new_tokens -> max_tokens, temperature, top_p (sent when < 1), seed,
     stop. top_k and repetition_penalty are not in the OpenAI protocol: they go as extra body
-    fields to servers that take them (vLLM, DashScope, dhllm) and are dropped with a warning
-    elsewhere.
+    fields to servers that take them (vLLM, DashScope, dhllm) and are dropped elsewhere
+    (logged once at INFO).
     """
 
     def __init__(
@@ -307,7 +309,7 @@ class GeminiChat(ChatModel):
     ``thinking_budget`` defaults to 0 for gemini-2.5-flash*: a digital human wants short, fast
     answers, and thinking tokens would count against ``max_new_tokens`` (answers came back empty).
     Pass ``thinking_budget=None`` to keep the model's own default. repetition_penalty has no
-    Gemini equivalent and is dropped with a warning.
+    Gemini equivalent and is dropped (logged once at INFO).
     """
 
     def __init__(

@@ -84,10 +84,15 @@ def test_params_mapping(fake: FakeServer) -> None:
     assert chat.chat(HISTORY, stop=" (turns") == "echo: 你好吗"
 
 
-def test_top_k_dropped_with_warning_where_unsupported(fake: FakeServer) -> None:
-    with pytest.warns(UserWarning, match="top_k"):
-        model(fake).chat(HISTORY, top_k=5)
-    assert "top_k" not in fake.model_requests[0].json
+def test_top_k_dropped_and_logged_where_unsupported(fake: FakeServer,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="helpers.cloud")
+    chat = model(fake)
+    chat.chat(HISTORY, top_k=5)
+    chat.chat(HISTORY, top_k=5)
+    assert all("top_k" not in r.json for r in fake.model_requests)
+    notes = [r.getMessage() for r in caplog.records if r.name == "helpers.cloud"]
+    assert notes == ["openai:gpt-4o-mini has no top_k: ignored"]  # once per backend
 
 
 def test_top_k_and_repetition_penalty_as_extra_body_where_supported(fake: FakeServer) -> None:

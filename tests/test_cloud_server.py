@@ -61,7 +61,6 @@ def upstream() -> Iterator[FakeServer]:
         yield fake
 
 
-@pytest.mark.filterwarnings("ignore:.*has no top_k")  # POST / sends the chapter's top_k
 def test_chapter_post_fronts_a_cloud_model_without_leaking_the_key(
     upstream: FakeServer, caplog: pytest.LogCaptureFixture
 ) -> None:
