@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -248,6 +248,11 @@ class _Meter:
         await self.app(scope, receive, metered_send)
 
 
+class _HubFileResponse(FileResponse):
+    # Starlette's 64 KiB chunks cap loopback throughput; 1 MiB chunks give several times more.
+    chunk_size = 2**20
+
+
 def _http_date(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
@@ -372,7 +377,7 @@ def create_mirror_app(root: str | Path, throttle: float | None = None) -> FastAP
         headers = {"ETag": f'"{e.etag}"', "X-Repo-Commit": commit}
         if e.lfs:
             headers |= {"X-Linked-Etag": f'"{e.sha256}"', "X-Linked-Size": str(e.size)}
-        return FileResponse(
+        return _HubFileResponse(
             file,
             headers=headers,
             media_type="application/octet-stream",
@@ -536,4 +541,46 @@ def add_to_mirror(
         for file in local_files(src):
             _link_or_copy(file, target / file.relative_to(src))
     MirrorRoot(root).index(progress=progress)
+    return target
+
+
+STAND_IN_NOTE = "STAND-IN.md"
+
+
+def add_stand_in(
+    root: str | Path,
+    repo_id: str,
+    model: Literal["tiny", "embedded"] = "tiny",
+    progress: bool = True,
+) -> Path:
+    """Serve a small stand-in as ``repo_id`` (e.g. Linly-AI/Chinese-LLaMA-2-7B-hf) with no hub.
+
+    ``tiny``: a 16 MB random 2-layer model (Llama for ids naming llama, else Qwen2; built in
+    ~0.2 s; downloads in a blink; its answers are noise). ``embedded``: the real
+    SmolLM2-135M-Instruct (538 MB, hard-linked, answers in English). The folder gets a
+    STAND-IN.md saying what it really is.
+    """
+    root = Path(root).expanduser()
+    if model == "embedded":
+        from helpers.embedded import embedded_model_dir
+
+        source, what = embedded_model_dir(verbose=progress), "SmolLM2-135M-Instruct (embedded)"
+    elif model == "tiny":
+        from helpers.models import build_tiny_model
+
+        arch = "llama" if "llama" in repo_id.lower() else "qwen2"
+        source = root / ".dhllm" / f"tiny-{arch}"  # hidden: the mirror never lists it
+        if not (source / "config.json").is_file():
+            build_tiny_model(source, arch=arch)
+        what = f"a tiny random 2-layer {arch} model (its answers are noise)"
+    else:
+        raise ValueError(f"model must be 'tiny' or 'embedded', not {model!r}")
+    target = add_to_mirror(repo_id, root, source, progress=progress)
+    note = target / STAND_IN_NOTE
+    if not note.exists():
+        note.write_text(
+            f"# Stand-in\n\nThis is {what}, served as {repo_id} by dhllm's local mirror so "
+            f"that downloads can be practised offline. It is not {repo_id}.\n"
+        )
+        MirrorRoot(root).index(progress=False)
     return target
