@@ -53,10 +53,14 @@ def chat(
     for text in questions:
         messages.append({"role": "user", "content": text})
         answer = ""
-        for piece in chat_model.stream(messages, **vars(params)):
-            answer += piece
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        try:
+            for piece in chat_model.stream(messages, **vars(params)):
+                answer += piece
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except (ValueError, RuntimeError) as exc:  # ChatModelError is a RuntimeError
+            sys.stdout.write("\n")
+            _fail(str(exc))
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": answer})
 
