@@ -51,6 +51,9 @@ class ServerHandle:
 def ensure_port_free(host: str, port: int) -> None:
     """Raise PortInUseError at once if ``host:port`` cannot be bound."""
     with socket.socket() as sock:
+        # As uvicorn does: a port left in TIME_WAIT by a stopped server is free to reuse, while
+        # on Linux a live listener still makes bind fail.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
