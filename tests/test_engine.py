@@ -164,3 +164,16 @@ def test_embedded_batched_equals_sequential(embedded_chat):
         eng.stop()
     assert batched == sequential
     assert "Paris" in batched[0]
+
+
+@pytest.mark.parametrize("params", [
+    GenerationParams(max_new_tokens=3, temperature=1e-300),
+    GenerationParams(max_new_tokens=3, temperature=0.7, repetition_penalty=1e-300),
+    GenerationParams(max_new_tokens=3, temperature=0, repetition_penalty=1e300),
+    GenerationParams(max_new_tokens=3, temperature=1e300, top_p=1e-9, top_k=1),
+])
+def test_extreme_parameters_still_produce_tokens(engine, params):
+    # Found by schemathesis: overflowing scores once made torch.multinomial fail (a 500).
+    stream = engine.submit(user("x"), params)
+    list(stream)
+    assert stream.finish.reason in ("length", "stop") and stream.finish.completion_tokens >= 1

@@ -532,6 +532,8 @@ class BatchingEngine(Engine):
                 penalty, seen = rows[i].params.repetition_penalty, rows[i].seen
                 score = x[i].gather(0, seen)
                 x[i].scatter_(0, seen, torch.where(score < 0, score * penalty, score / penalty))
+        # Extreme parameters (a penalty of 1e-300, say) overflow to inf/nan: keep the scores usable.
+        x = torch.nan_to_num(x, nan=float("-inf"), posinf=torch.finfo(x.dtype).max)
         tokens = torch.empty(len(rows), dtype=torch.long, device=x.device)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         if greedy:
@@ -540,9 +542,11 @@ class BatchingEngine(Engine):
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampled:
             index = torch.tensor(sampled, device=x.device)
-            temperature = torch.tensor([rows[i].params.temperature for i in sampled],
+            # A temperature below 1e-4 behaves like greedy anyway; the floor avoids inf scores.
+            temperature = torch.tensor([max(rows[i].params.temperature, 1e-4) for i in sampled],
                                        device=x.device, dtype=x.dtype)
             y = x[index] / temperature.unsqueeze(1)
+            y = torch.nan_to_num(y, nan=float("-inf"), posinf=torch.finfo(y.dtype).max)
             for j, i in enumerate(sampled):
                 p = rows[i].params
                 if p.top_k or p.top_p < 1.0:
