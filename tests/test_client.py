@@ -1,0 +1,77 @@
+"""helpers.client against a real server on 127.0.0.1, and stream_sentences."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers.client import LinlyClient, ServerError, get_completion, stream_sentences
+from helpers.server import ServerHandle, serve_in_background
+from tests.conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat) -> Iterator[ServerHandle]:
+    with serve_in_background(tiny_chat, port=free_port(), default_max_new_tokens=8) as handle:
+        yield handle
+
+
+def test_chat_returns_history_that_the_next_turn_extends(server):
+    client = LinlyClient(server.url)
+    answer, history = client.chat("你好", temperature=0)
+    assert answer and history == [["你好", answer]]
+    answer2, history2 = client.chat("再说一遍", history=history, temperature=0)
+    assert history2 == [["你好", answer], ["再说一遍", answer2]]
+    assert client.health()["stats"]["completed"] >= 2
+
+
+def test_stream_yields_the_same_text_as_a_plain_call(server, tiny_chat):
+    client = LinlyClient(server.url)
+    messages = [{"role": "user", "content": "Hi"}]
+    pieces = list(client.stream(messages, max_tokens=6, temperature=0))
+    assert len(pieces) > 1
+    assert "".join(pieces) == tiny_chat.chat(messages, max_new_tokens=6, temperature=0)
+    assert get_completion("Hi", url=server.url, max_length=2)
+
+
+def test_errors_carry_the_servers_message(server):
+    client = LinlyClient(server.url)
+    with pytest.raises(ServerError, match="max_length") as info:
+        client.chat("x", max_length=0)
+    assert info.value.status == 422 and info.value.param == "max_length"
+    with pytest.raises(ServerError, match="role") as info:
+        list(client.stream([{"role": "robot", "content": "x"}]))
+    assert info.value.param == "messages.0.role"
+    with pytest.raises(ServerError, match="prompt"):
+        get_completion("", url=server.url)
+
+
+def test_client_never_imports_the_server():
+    tree = ast.parse(Path("helpers/client.py").read_text(encoding="utf-8"))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m and m.startswith("helpers")}
+
+
+@pytest.mark.parametrize(("chunks", "sentences"), [
+    (["你好", "。今天天气", "很好！！", "真的吗？", "好"], ["你好。", "今天天气很好！！", "真的吗？", "好"]),
+    (["“是的。", "”然后"], ["“是的。”", "然后"]),
+    (["第一行\n", "\n第二行…", "…结束"], ["第一行", "第二行……", "结束"]),
+    (["Hello world. How", " are you? Fine", "!"], ["Hello world.", "How are you?", "Fine!"]),
+    (["It costs 3.5 dollars. OK"], ["It costs 3.5 dollars.", "OK"]),
+    ([], []),
+    (["  ", "\n"], []),
+])
+def test_stream_sentences(chunks, sentences):
+    assert list(stream_sentences(iter(chunks))) == sentences
+
+
+def test_stream_sentences_yields_before_the_stream_ends():
+    def slow() -> Iterator[str]:
+        yield "第一句。第二"
+        raise AssertionError("read too far: the first sentence should be out already")
+
+    assert next(stream_sentences(slow())) == "第一句。"
