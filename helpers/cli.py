@@ -138,6 +138,75 @@ def mirror_add(
     typer.echo(str(path))
 
 
+# ---------------------------------------------------------------- API server and benchmark (issue 3)
+
+
+def bind_warning(host: str, api_key: str | None) -> str | None:
+    """A warning when the server would be reachable from other machines without a key."""
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        return (f"--host {host} makes the server reachable from other machines, and no API key "
+                "is set: anyone on the network can use it. Add --api-key KEY (or set "
+                "DHLLM_API_KEY).")
+    return None
+
+
+@app.command()
+def serve(
+    model: ModelOption = None,
+    host: Annotated[str | None, typer.Option(help="127.0.0.1 = this machine only")] = None,
+    port: Annotated[int | None, typer.Option(help="default: 7871, the chapter's")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        help="require 'Authorization: Bearer KEY' (default: DHLLM_API_KEY)")] = None,
+    log_prompts: Annotated[bool, typer.Option(help="write prompts into the request log")] = False,
+) -> None:
+    """Serve a model: the chapter's POST / and an OpenAI-compatible /v1 (docs at /docs)."""
+    from helpers.server import PortInUseError
+    from helpers.server import serve as run_server
+
+    settings = get_settings()
+    host = host or settings.host
+    port = port or settings.port
+    key = api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
+    warning = bind_warning(host, key)
+    if warning:
+        typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
+    try:
+        run_server(model or settings.model, host, port, key, log_prompts or settings.log_prompts)
+    except (PortInUseError, ValueError, KeyError, RuntimeError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def bench(
+    model: ModelOption = None,
+    tokens: Annotated[int, typer.Option(help="new tokens per request")] = 48,
+    clients: Annotated[str, typer.Option(help="the two client counts compared, e.g. 1,8")] = "1,8",
+    sweep: Annotated[str, typer.Option(help="client counts for the plot ('' = none)")] = "1,2,4,8,16",
+    rounds: Annotated[int, typer.Option(help="requests per client in the headline runs")] = 2,
+    peers: Annotated[bool, typer.Option(help="also measure transformers serve")] = True,
+    builtin: Annotated[bool, typer.Option(help="also measure transformers' generate_batch")] = True,
+    plot: Annotated[str, typer.Option(help="PNG to draw ('' = none)")] = "docs/images/throughput.png",
+    json_out: Annotated[str | None, typer.Option("--json", help="also write the JSON here")] = None,
+) -> None:
+    """Throughput with 1 vs 8 concurrent clients, against a serial server and transformers serve."""
+    from pathlib import Path
+
+    from helpers.bench import BenchConfig
+    from helpers.bench import main as run_bench
+
+    def counts(text: str) -> tuple[int, ...]:
+        return tuple(int(c) for c in text.split(",") if c.strip())
+
+    try:
+        cfg = BenchConfig(model=model or "embedded", tokens=tokens, clients=counts(clients),
+                          sweep=counts(sweep), rounds=rounds, peers=peers, builtin=builtin,
+                          plot=Path(plot) if plot else None,
+                          json_path=Path(json_out) if json_out else None)
+    except ValueError as exc:
+        _fail(f"client counts must be integers like 1,8: {exc}")
+    run_bench(cfg)
+
+
 def main() -> None:
     """Entry point of the ``dhllm`` console script."""
     app()
