@@ -7,6 +7,7 @@ front end would, so it works with any OpenAI-compatible server, not only a model
 from __future__ import annotations
 
 import html
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -181,14 +182,17 @@ class ChatBox(widgets.VBox):
 def describe_error(exc: BaseException, url: str = DEFAULT_URL) -> str:
     """One readable line for an error while chatting, with a hint at the usual cause."""
     message = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, ConnectionError) or "Connect" in type(exc).__name__:
+    name = type(exc).__name__
+    if isinstance(exc, ConnectionError) or "Connect" in name:
+        # requests' message nests three exception reprs; the errno line is the useful part.
+        reason = re.search(r"\[Errno -?\d+\][^\"')]*", message)
         return (
-            f"连不上服务器 {url}：{message}。服务器启动了吗？先运行上面启动服务器的单元格，"
-            "或者在终端里运行 make serve。"
+            f"连不上服务器 {url}（{reason.group(0).strip() if reason else name}）。服务器启动了吗？"
+            "先运行上面启动服务器的单元格，或者在终端里运行 make serve。"
         )
-    if isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__:
+    if isinstance(exc, TimeoutError) or "Timeout" in name:
         return f"服务器 {url} 太久没有回应：{message}"
-    return f"{type(exc).__name__}: {message}"
+    return f"{name}: {message}"
 
 
 def chat_box(

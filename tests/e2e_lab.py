@@ -172,37 +172,42 @@ def run_all_and_wait(page: Any, timeout_s: float) -> None:
     page.locator("#jp-MainMenu .lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
     page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click()
     deadline = time.monotonic() + timeout_s
-    # "[*]:" marks queued and running cells; Run All stops at the first error, leaving "[ ]:".
-    busy = page.locator(".jp-Cell .jp-InputPrompt", has_text="[*]")
     settled_since = None
     while time.monotonic() < deadline:
+        # "[*]:" marks queued and running cells; Run All stops at the first error, leaving "[ ]:".
+        busy = any("*" in p for p in prompts(page))
         idle = bool(KERNEL_IDLE.search(page.locator("#jp-main-statusbar").inner_text()))
-        if idle and busy.count() == 0:
+        if idle and not busy:
             settled_since = settled_since or time.monotonic()
             if time.monotonic() - settled_since > 1.5:  # idle between two cells is not the end
                 return
         else:
             settled_since = None
         page.wait_for_timeout(250)
-    raise TimeoutError(f"Run All did not finish within {timeout_s:.0f} s")
+    raise TimeoutError(f"Run All did not finish within {timeout_s:.0f} s; prompts: {prompts(page)}")
+
+
+def prompts(page: Any) -> list[str]:
+    """The code cells' prompts ("[3]:", "[*]:", "[ ]:"), off-screen cells included."""
+    # textContent, not innerText: JupyterLab skips rendering cells outside the viewport
+    # (content-visibility), and innerText of a skipped cell is empty.
+    return page.locator(".jp-CodeCell .jp-InputArea-prompt").all_text_contents()
 
 
 def error_outputs(page: Any) -> list[str]:
     """Texts of the error outputs (tracebacks) shown in the notebook."""
-    return [el.inner_text()[-2000:] for el in page.locator(ERROR_OUTPUT).all()
-            if _is_error(el)]
+    texts = page.locator(ERROR_OUTPUT).all_text_contents()  # textContent: off-screen cells too
+    return [text[-2000:] for text in texts if _is_error(text)]
 
 
-def _is_error(el: Any) -> bool:
+def _is_error(text: str) -> bool:
     # stderr (warnings, logs, tqdm) and errors share the mime type; only errors carry a traceback.
-    text = el.inner_text()
     return "Traceback" in text or bool(re.search(r"^\w*(Error|Exception)\b", text, re.M))
 
 
 def unexecuted_code_cells(page: Any) -> int:
     """Code cells whose prompt shows no execution count."""
-    prompts = page.locator(".jp-CodeCell .jp-InputArea-prompt").all_inner_texts()
-    return sum(1 for p in prompts if not re.search(r"\[\d+\]", p))
+    return sum(1 for p in prompts(page) if not re.search(r"\[\d+\]", p))
 
 
 def saved_errors(notebook: Path) -> list[str]:

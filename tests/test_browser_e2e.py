@@ -56,42 +56,46 @@ def test_notebook_02_runs_in_jupyterlab_and_chat_box_works(tmp_path: Path, shots
     root = copy_tree_for_lab(tmp_path / "root")
     state = tmp_path / "state"
     state.mkdir()
-    # Move the notebook's API server off the chapter's port, in case something else uses it here.
-    env = {"DHLLM_PORT": str(free_port())}
-    with JupyterLab(root, state, free_port(), env=env) as lab, \
+    with JupyterLab(root, state, free_port()) as lab, \
             chromium_page(tmp_path / "chromium-profile") as page:
-        lab.reset(NOTEBOOK)
-        page.goto(lab.lab_url(NOTEBOOK))
-        wait_kernel_idle(page, 90)
-        run_all_and_wait(page, RUN_ALL_TIMEOUT_S)
+        try:
+            lab.reset(NOTEBOOK)
+            page.goto(lab.lab_url(NOTEBOOK))
+            wait_kernel_idle(page, 90)
+            run_all_and_wait(page, RUN_ALL_TIMEOUT_S)
 
-        errors = error_outputs(page)
-        assert not errors, "cells show errors:\n\n" + "\n\n".join(errors) + "\n\n" + lab.log()
-        assert unexecuted_code_cells(page) == 0, "Run All left cells unexecuted"
-        page.keyboard.press("Control+s")  # the saved file must agree: no error outputs in it
-        page.wait_for_timeout(1000)
-        assert saved_errors(root / NOTEBOOK) == []
+            errors = error_outputs(page)
+            assert not errors, "cells show errors:\n\n" + "\n\n".join(errors)
+            assert unexecuted_code_cells(page) == 0, "Run All left cells unexecuted"
+            page.keyboard.press("Control+s")  # the saved file must agree: no error outputs in it
+            page.wait_for_timeout(1000)
+            assert saved_errors(root / NOTEBOOK) == []
 
-        page.keyboard.press("Control+b")  # hide the file browser: the notebook fills the picture
-        chat = page.locator(".dhllm-chat").last
-        chat.scroll_into_view_if_needed()
+            page.keyboard.press("Control+b")  # hide the file browser: the notebook fills the picture
+            chat = page.locator(".dhllm-chat").last
+            chat.scroll_into_view_if_needed()
 
-        first = ask_like_a_person(page, chat, "What is the capital of France?", press_enter=False)
-        assert len(first) >= 2, f"the answer did not grow piece by piece: {first}"
-        chat.scroll_into_view_if_needed()
-        page.screenshot(path=str(shots / "jupyterlab_notebook02.png"))
-        # The follow-up goes out with Enter; the widget keeps and shows both turns.
-        ask_like_a_person(page, chat, "And what is the capital of Germany?", press_enter=True)
-        assert chat.locator(".dhllm-msg-user").count() == 2
-        assert chat.locator(".dhllm-msg-assistant").count() == 2
-        assert "2 轮对话" in chat.locator(".dhllm-chat-status").inner_text()
-        chat.screenshot(path=str(shots / "chat_widget.png"))
+            first = ask_like_a_person(page, chat, "What is the capital of France?", press_enter=False)
+            assert len(first) >= 2, f"the answer did not grow piece by piece: {first}"
+            chat.scroll_into_view_if_needed()
+            page.screenshot(path=str(shots / "jupyterlab_notebook02.png"))
+            # The follow-up goes out with Enter; the widget keeps and shows both turns.
+            ask_like_a_person(page, chat, "And what is the capital of Germany?", press_enter=True)
+            assert chat.locator(".dhllm-msg-user").count() == 2
+            assert chat.locator(".dhllm-msg-assistant").count() == 2
+            assert "2 轮对话" in chat.locator(".dhllm-chat-status").inner_text()
+            chat.screenshot(path=str(shots / "chat_widget.png"))
 
-        chat.get_by_role("button", name="清空").click()
-        page.wait_for_function(
-            "el => el.querySelectorAll('.dhllm-msg').length === 0",
-            arg=chat.element_handle(), timeout=10_000)
-        assert "0 轮对话" in chat.locator(".dhllm-chat-status").inner_text()
+            chat.get_by_role("button", name="清空").click()
+            page.wait_for_function(
+                "el => el.querySelectorAll('.dhllm-msg').length === 0",
+                arg=chat.element_handle(), timeout=10_000)
+            assert "0 轮对话" in chat.locator(".dhllm-chat-status").inner_text()
+        except BaseException:
+            # What the browser showed when it failed, for the person reading the CI log.
+            page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+            print(f"failure screenshot: {tmp_path / 'failure.png'}\njupyter log:\n{lab.log()}")
+            raise
 
 
 def ask_like_a_person(page, chat, question: str, press_enter: bool) -> list[str]:  # noqa: ANN001

@@ -164,3 +164,89 @@ def test_error_is_shown_readably_and_question_dropped_from_history() -> None:
 )
 def test_describe_error(exc: Exception, expected: str) -> None:
     assert expected in describe_error(exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the real API server (tiny random model): HTTP streaming, history, keys, a dead server.
+
+
+@pytest.fixture
+def tiny_server(tiny_chat, port: int):  # noqa: ANN001, ANN201
+    from helpers.server import serve_in_background
+
+    with serve_in_background(tiny_chat, port=port) as handle:
+        yield handle
+
+
+@pytest.fixture
+def sent_messages(monkeypatch: pytest.MonkeyPatch) -> list[list[dict[str, str]]]:
+    """The messages each LinlyClient.stream call sent (the real call still happens)."""
+    from helpers.client import LinlyClient
+
+    calls: list[list[dict[str, str]]] = []
+    original = LinlyClient.stream
+
+    def spy(self, messages, **params):  # noqa: ANN001, ANN003, ANN202
+        calls.append([dict(m) for m in messages])
+        return original(self, messages, **params)
+
+    monkeypatch.setattr(LinlyClient, "stream", spy)
+    return calls
+
+
+def test_chat_box_streams_from_the_server_and_keeps_history(tiny_server, sent_messages) -> None:  # noqa: ANN001
+    from helpers.widgets import chat_box
+
+    box = chat_box(tiny_server.url, system="Be brief.", max_tokens=12, temperature=0.7, seed=1)
+    shown: list[str] = []  # the conversation HTML as the browser would receive it, update by update
+    box.conversation.observe(lambda change: shown.append(change["new"]), names="value")
+
+    box.ask("What is the capital of France?")
+    box.wait(60)
+    kind, first = box.transcript[-1]
+    assert kind == "assistant" and first, box.transcript
+    growing = [html for html in shown if "dhllm-msg-assistant" in html]
+    assert len(set(growing)) >= 3, "the answer should arrive in several pieces"
+
+    box.ask("And of Germany?")
+    box.wait(60)
+    assert [m["role"] for m in box.history] == ["user", "assistant", "user", "assistant"]
+    assert sent_messages[1] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "And of Germany?"},
+    ]
+    box.clear()
+    assert box.history == [] and box.transcript == []
+
+
+def test_chat_box_with_api_key(tiny_chat, port: int) -> None:  # noqa: ANN001
+    from helpers.server import serve_in_background
+    from helpers.widgets import chat_box
+
+    with serve_in_background(tiny_chat, port=port, api_key="s3cret-key") as server:
+        good = chat_box(server.url, api_key="s3cret-key", max_tokens=4)
+        good.ask("hi")
+        good.wait(60)
+        assert good.transcript[-1][0] == "assistant"
+
+        bad = chat_box(server.url, max_tokens=4)
+        bad.ask("hi")
+        bad.wait(60)
+    kind, text = bad.transcript[-1]
+    assert kind == "error" and "401" in text and "Traceback" not in text
+    assert "s3cret-key" not in bad.conversation.value
+    assert bad.history == []
+
+
+def test_chat_box_says_when_the_server_is_down(port: int) -> None:
+    from helpers.widgets import chat_box
+
+    box = chat_box(f"http://127.0.0.1:{port}")  # nothing listens there
+    box.ask("hi")
+    box.wait(30)
+    kind, text = box.transcript[-1]
+    assert kind == "error"
+    assert text.startswith(f"连不上服务器 http://127.0.0.1:{port}") and "make serve" in text
+    assert "HTTPConnectionPool" not in text  # requests' nested reprs are cut to the errno line
