@@ -56,7 +56,10 @@ def test_notebook_02_runs_in_jupyterlab_and_chat_box_works(tmp_path: Path, shots
     root = copy_tree_for_lab(tmp_path / "root")
     state = tmp_path / "state"
     state.mkdir()
-    with JupyterLab(root, state, free_port()) as lab, \
+    # Shorter default answers keep Run All within budget on two CPU cores; every cell still runs
+    # as written (nbval and the Colab rehearsal run the notebook with the defaults).
+    env = {"DHLLM_DEFAULT_MAX_NEW_TOKENS": "48"}
+    with JupyterLab(root, state, free_port(), env=env) as lab, \
             chromium_page(tmp_path / "chromium-profile") as page:
         try:
             lab.reset(NOTEBOOK)
@@ -73,23 +76,27 @@ def test_notebook_02_runs_in_jupyterlab_and_chat_box_works(tmp_path: Path, shots
 
             page.keyboard.press("Control+b")  # hide the file browser: the notebook fills the picture
             chat = page.locator(".dhllm-chat").last
-            chat.scroll_into_view_if_needed()
+            center(chat)
 
             first = ask_like_a_person(page, chat, "What is the capital of France?", press_enter=False)
             assert len(first) >= 2, f"the answer did not grow piece by piece: {first}"
-            chat.scroll_into_view_if_needed()
+            center(chat)
             page.screenshot(path=str(shots / "jupyterlab_notebook02.png"))
             # The follow-up goes out with Enter; the widget keeps and shows both turns.
             ask_like_a_person(page, chat, "And what is the capital of Germany?", press_enter=True)
             assert chat.locator(".dhllm-msg-user").count() == 2
             assert chat.locator(".dhllm-msg-assistant").count() == 2
             assert "2 轮对话" in chat.locator(".dhllm-chat-status").inner_text()
-            chat.screenshot(path=str(shots / "chat_widget.png"))
+            shoot(page, chat, shots / "chat_widget.png")
+            # A longer answer, photographed while it is still streaming in.
+            ask_like_a_person(page, chat, "Tell me a short story about a robot.", press_enter=True,
+                              streaming_shot=shots / "chat_widget_streaming.png")
 
             chat.get_by_role("button", name="清空").click()
             page.wait_for_function(
                 "el => el.querySelectorAll('.dhllm-msg').length === 0",
                 arg=chat.element_handle(), timeout=10_000)
+            assert "还没有对话" in chat.locator(".dhllm-chat-log").inner_text()
             assert "0 轮对话" in chat.locator(".dhllm-chat-status").inner_text()
         except BaseException:
             # What the browser showed when it failed, for the person reading the CI log.
@@ -98,29 +105,57 @@ def test_notebook_02_runs_in_jupyterlab_and_chat_box_works(tmp_path: Path, shots
             raise
 
 
-def ask_like_a_person(page, chat, question: str, press_enter: bool) -> list[str]:  # noqa: ANN001
-    """Type a question, send it, and watch the answer; returns the distinct texts seen."""
+def center(element) -> None:  # noqa: ANN001
+    """Scroll the element to the middle of the notebook view."""
+    element.evaluate("el => el.scrollIntoView({block: 'center'})")
+
+
+def shoot(page, element, path: Path, margin: int = 8) -> None:  # noqa: ANN001
+    """Screenshot of one element with a little room around it."""
+    box = element.bounding_box()
+    page.screenshot(path=str(path), clip={
+        "x": max(box["x"] - margin, 0), "y": max(box["y"] - margin, 0),
+        "width": box["width"] + 2 * margin, "height": box["height"] + 2 * margin})
+
+
+# Records every text the newest answer shows, however fast the pieces come (polling could miss
+# intermediate states): each widget update is one DOM mutation.
+WATCH_ANSWER = """([el, before]) => {
+    const log = el.querySelector('.dhllm-chat-log');
+    if (window.__dhllmWatch) window.__dhllmWatch.disconnect();
+    window.__dhllmSeen = [];
+    window.__dhllmWatch = new MutationObserver(() => {
+        const answers = log.querySelectorAll('.dhllm-msg-assistant');
+        if (answers.length > before) window.__dhllmSeen.push(answers[answers.length - 1].textContent);
+    });
+    window.__dhllmWatch.observe(log, {childList: true, subtree: true, characterData: true});
+}"""
+
+
+def ask_like_a_person(page, chat, question: str, press_enter: bool,  # noqa: ANN001
+                      streaming_shot: Path | None = None) -> list[str]:
+    """Type a question, send it, and watch the answer; returns the distinct texts it showed."""
     answers = chat.locator(".dhllm-msg-assistant")
     before = answers.count()
+    page.evaluate(WATCH_ANSWER, [chat.element_handle(), before])
     box = chat.locator(".dhllm-chat-input input")
+    send = chat.get_by_role("button", name="发送")
     box.click()
     box.press_sequentially(question, delay=5)
     if press_enter:
         box.press("Enter")
     else:
-        chat.get_by_role("button", name="发送").click()
-    send = chat.get_by_role("button", name="发送")
-    seen: list[str] = []
+        send.click()
     deadline = time.monotonic() + ANSWER_TIMEOUT_S
     while time.monotonic() < deadline:
         if answers.count() > before:
-            text = answers.last.inner_text()
-            text = re.sub(r"^助手：", "", text).strip()
-            if text and text != "…" and (not seen or text != seen[-1]):
-                seen.append(text)
-        if seen and send.is_enabled() and answers.count() > before:
-            break
-        page.wait_for_timeout(30)
+            if streaming_shot is not None and not send.is_enabled() and answer_text(answers.last):
+                center(chat)
+                shoot(page, chat, streaming_shot)
+                streaming_shot = None
+            if send.is_enabled():
+                break
+        page.wait_for_timeout(50)
     else:
         raise TimeoutError(f"no complete answer to {question!r} within {ANSWER_TIMEOUT_S} s")
     errors = chat.locator(".dhllm-msg-error").all_inner_texts()
@@ -128,8 +163,16 @@ def ask_like_a_person(page, chat, question: str, press_enter: bool) -> list[str]
     users = chat.locator(".dhllm-msg-user").all_inner_texts()
     assert users[-1].endswith(question), users
     assert box.input_value() == ""
-    final = re.sub(r"^助手：", "", answers.last.inner_text()).strip()
-    assert final, "the answer is empty"
-    if final != seen[-1]:
-        seen.append(final)
+    assert answer_text(answers.last), "the answer is empty"
+    seen: list[str] = []
+    for text in page.evaluate("window.__dhllmSeen"):
+        text = re.sub(r"^助手：", "", text).strip()
+        if text and text != "…" and (not seen or text != seen[-1]):
+            seen.append(text)
     return seen
+
+
+def answer_text(answer) -> str:  # noqa: ANN001
+    """An answer's text without the speaker label ("…" while nothing has arrived yet)."""
+    text = re.sub(r"^助手：", "", answer.inner_text()).strip()
+    return "" if text == "…" else text
