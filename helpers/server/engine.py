@@ -345,7 +345,10 @@ class BatchingEngine(Engine):
         self._rows: list[_Row] = []
         self._cache: Any = None
         self._mask: Any = None  # [batch, cache length + 1] once a step is prepared
-        self._keep_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        forward_params = inspect.signature(self.model.forward).parameters
+        self._keep_logits = "logits_to_keep" in forward_params
+        # transformers 5 renamed forward's past_key_values to cache; Colab may have either.
+        self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
 
     # Public side (any thread).
 
@@ -443,7 +446,7 @@ class BatchingEngine(Engine):
     def _forward(self, input_ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
         kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._keep_logits else {}
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         cache=cache, use_cache=True, **kwargs)
+                         use_cache=True, **{self._cache_kwarg: cache}, **kwargs)
         return out.logits[:, -1, :].float()
 
     def _prefill(self, joining: list[tuple[Stream, list[int], GenerationParams]]) -> None:
