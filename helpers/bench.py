@@ -56,7 +56,7 @@ class BenchConfig:
     rounds: int = 2
     clients: Sequence[int] = (1, 8)
     sweep: Sequence[int] = (1, 2, 4, 8, 16)
-    peers: bool = True
+    peers: Sequence[str] = ("plain", "cb")  # transformers serve without / with --continuous-batching
     builtin: bool = True
     plot: Path | None = Path("docs/images/throughput.png")
     json_path: Path | None = None
@@ -173,34 +173,49 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-class TransformersServe:
-    """``transformers serve MODEL_DIR --port P --device cpu [--continuous-batching]``."""
+class ServerProcess:
+    """A server in its own process, as in production, so the load generator's threads do not
+    compete with it for the GIL (in one process they cost our server ~40 % of its throughput)."""
 
-    def __init__(self, model_dir: str, continuous_batching: bool) -> None:
+    def __init__(self, cmd: list[str], port: int, env: dict[str, str] | None = None) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"dhllm-bench-server-{port}.log"
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+    @classmethod
+    def dhllm(cls, model: str, tokens: int, max_batch_size: int = 16) -> ServerProcess:
+        """``dhllm serve`` (our engine); ``max_batch_size=1`` makes it the serial baseline."""
+        port = _free_port()
+        env = {"DHLLM_MAX_BATCH_SIZE": str(max_batch_size),
+               "DHLLM_DEFAULT_MAX_NEW_TOKENS": str(tokens), "DHLLM_API_KEY": ""}
+        return cls([sys.executable, "-m", "helpers", "serve", "--model", model,
+                    "--port", str(port)], port, env)
+
+    @classmethod
+    def transformers(cls, model_dir: str, continuous_batching: bool) -> ServerProcess:
+        """``transformers serve MODEL_DIR --port P --device cpu [--continuous-batching]``."""
         exe = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [exe, "serve", model_dir, "--port", str(self.port), "--device", "cpu"]
+        port = _free_port()
+        cmd = [exe, "serve", model_dir, "--port", str(port), "--device", "cpu"]
         if continuous_batching:
             cmd.append("--continuous-batching")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"transformers-serve-{self.port}.log"
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-                                     env=env)
+        return cls(cmd, port)
 
-    def wait(self, timeout: float = 180.0) -> None:
+    def wait(self, timeout: float = 180.0) -> ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 tail = self.log.read_text(errors="replace")[-500:]
-                raise RuntimeError(f"transformers serve exited ({self.proc.returncode}): {tail}")
+                raise RuntimeError(f"the server exited ({self.proc.returncode}): {tail}")
             try:
                 if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
+                    return self
             except requests.RequestException:
                 pass
-            time.sleep(0.5)
-        raise TimeoutError("transformers serve did not answer /health")
+            time.sleep(0.3)
+        raise TimeoutError(f"the server did not answer /health within {timeout:.0f} s")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -208,16 +223,17 @@ class TransformersServe:
             self.proc.wait(15)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 # ---------------------------------------------------------------------------------------------
 # The benchmark.
-
-
-def _serve(chat: Any, **settings: Any) -> Any:
-    from helpers.server import serve_in_background
-
-    return serve_in_background(chat, host="127.0.0.1", port=_free_port(), **settings)
 
 
 def _warm(url: str, model: str, tokens: int) -> None:
@@ -321,7 +337,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchRepo
 
     log("our server (continuous batching) ...")
     sweep_ours: dict[int, float] = {}
-    with _serve(chat, default_max_new_tokens=cfg.tokens) as handle:
+    with ServerProcess.dhllm(cfg.model, cfg.tokens) as handle:
         _warm(handle.url, name, cfg.tokens)
         results["ours"] = _pair(handle.url, cfg, name)
         top = max(cfg.clients)
@@ -339,7 +355,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchRepo
 
     log("serial chapter-style server (one request at a time) ...")
     sweep_serial: dict[int, float] = {}
-    with _serve(chat, default_max_new_tokens=cfg.tokens, max_batch_size=1) as handle:
+    with ServerProcess.dhllm(cfg.model, cfg.tokens, max_batch_size=1) as handle:
         _warm(handle.url, name, cfg.tokens)
         results["serial"] = _pair(handle.url, cfg, name)
         for n in cfg.sweep:
@@ -348,10 +364,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchRepo
     results["sweep"] = {"clients": list(cfg.sweep), "ours": [sweep_ours[n] for n in cfg.sweep],
                         "serial": [sweep_serial[n] for n in cfg.sweep]}
 
-    if cfg.peers:
-        for label, cb in (("transformers_serve", False), ("transformers_serve_cb", True)):
+    for label, cb in (("transformers_serve", False), ("transformers_serve_cb", True)):
+        if ("cb" if cb else "plain") in cfg.peers:
             log(f"{label.replace('_', ' ')} ...")
-            peer = TransformersServe(model_dir, cb)
+            peer = ServerProcess.transformers(model_dir, cb)
             try:
                 peer.wait()
                 _warm(peer.url, model_dir, cfg.tokens)

@@ -183,7 +183,8 @@ def bench(
     clients: Annotated[str, typer.Option(help="the two client counts compared, e.g. 1,8")] = "1,8",
     sweep: Annotated[str, typer.Option(help="client counts for the plot ('' = none)")] = "1,2,4,8,16",
     rounds: Annotated[int, typer.Option(help="requests per client in the headline runs")] = 2,
-    peers: Annotated[bool, typer.Option(help="also measure transformers serve")] = True,
+    peers: Annotated[str, typer.Option(
+        help="transformers serve runs to compare: plain,cb ('' = none)")] = "plain,cb",
     builtin: Annotated[bool, typer.Option(help="also measure transformers' generate_batch")] = True,
     plot: Annotated[str, typer.Option(help="PNG to draw ('' = none)")] = "docs/images/throughput.png",
     json_out: Annotated[str | None, typer.Option("--json", help="also write the JSON here")] = None,
@@ -199,7 +200,8 @@ def bench(
 
     try:
         cfg = BenchConfig(model=model or "embedded", tokens=tokens, clients=counts(clients),
-                          sweep=counts(sweep), rounds=rounds, peers=peers, builtin=builtin,
+                          sweep=counts(sweep), rounds=rounds, builtin=builtin,
+                          peers=tuple(p.strip() for p in peers.split(",") if p.strip()),
                           plot=Path(plot) if plot else None,
                           json_path=Path(json_out) if json_out else None)
     except ValueError as exc:

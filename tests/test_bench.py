@@ -11,7 +11,7 @@ from helpers.cli import bind_warning
 def test_bench_runs_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     plot, out = tmp_path / "throughput.png", tmp_path / "bench.json"
     cfg = BenchConfig(model=str(tiny_model_dir), tokens=4, rounds=1, clients=(1, 2),
-                      sweep=(1, 2), peers=False, builtin=True, plot=plot, json_path=out)
+                      sweep=(1, 2), peers=(), builtin=True, plot=plot, json_path=out)
     report = run_bench(cfg, log=lambda _: None)
     results = report.results
     for key in ("ours", "serial"):

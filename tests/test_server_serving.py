@@ -224,3 +224,15 @@ def test_serve_in_background_takes_a_ready_app(tiny_chat):
         assert LinlyClient(handle.url).health()["engine"] == "continuous-batching"
     with pytest.raises(TypeError):
         serve_in_background(app, port=free_port(), api_key="x")
+
+
+def test_stop_while_a_reply_streams_frees_the_port(tiny_chat):
+    handle = serve(tiny_chat)
+    response = open_stream(handle)
+    reader = content_chunks(response)
+    next(reader)
+    handle.stop()  # the open stream is cancelled after the grace period, not awaited forever
+    assert not handle.running
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", int(handle.url.rsplit(":", 1)[1])))
+    response.close()

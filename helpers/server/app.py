@@ -149,7 +149,6 @@ class _RequestMiddleware:
             ):
                 err = APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                type_="authentication_error")
-                err.status = 401
                 response = _error_response("/v1" if path.startswith("/v1") else path, err)
                 response.headers["WWW-Authenticate"] = "Bearer"
                 await response(scope, receive, send_wrapper)

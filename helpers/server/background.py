@@ -71,10 +71,16 @@ def start_uvicorn(
     health_path: str = "/health",
     timeout: float = 30.0,
     log_level: str = "warning",
+    graceful_shutdown: float = 3.0,
 ) -> ServerHandle:
-    """Start ``app`` in a daemon thread; return once ``health_path`` answers, or raise."""
+    """Start ``app`` in a daemon thread; return once ``health_path`` answers, or raise.
+
+    On stop, requests still open after ``graceful_shutdown`` seconds (a long streamed reply)
+    are cancelled, so ``stop()`` returns and frees the port instead of waiting for them.
+    """
     ensure_port_free(host, port)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=graceful_shutdown)
     server = uvicorn.Server(config)
     # Signal handlers can only be installed in the main thread.
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

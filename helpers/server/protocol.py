@@ -59,7 +59,9 @@ class ChapterRequest(BaseModel):
         default=None, description="earlier turns: [[user, assistant], ...] or [{role, content}, ...]"
     )
     max_length: StrictInt | None = Field(
-        default=None, gt=0, description="most new tokens (default: the server's, 256)"
+        default=None, gt=0,
+        description="most new tokens; default: the server's default_max_new_tokens (256), not "
+                    "the chapter's 2048, which takes minutes per request on a CPU",
     )
     top_p: Probability | None = None
     temperature: float | None = Field(default=None, ge=0, description="0 = greedy")
