@@ -43,8 +43,15 @@ def gguf_path() -> Path:
 
 
 def cache_path() -> Path:
-    """Where the converted safetensors model lives."""
-    return get_settings().resolved_cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    """Where the converted safetensors model lives, one per transformers major version.
+
+    transformers 5 writes tokenizer files that 4.x cannot read, so a learner who switches
+    versions (Colab upgrades, a second venv) gets a conversion of their own instead of an error.
+    """
+    import transformers
+
+    major = transformers.__version__.split(".")[0]
+    return get_settings().resolved_cache_dir() / "models" / f"SmolLM2-135M-Instruct-tf{major}"
 
 
 def is_converted(path: Path | None = None) -> bool:
@@ -61,9 +68,12 @@ def convert(gguf: Path, target: Path) -> None:
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        # A GGUF-loaded model refuses save_pretrained ("quantized with gguf and is not
-        # serializable") until the quantization config is dropped; the weights are fp32 already.
-        model.hf_quantizer.remove_quantization_config(model)
+        # transformers 5: a GGUF-loaded model refuses save_pretrained ("quantized with gguf and is
+        # not serializable") until the quantization config is dropped; the weights are fp32
+        # already. transformers 4 sets no quantizer and saves as is.
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / COMPLETE_MARKER).write_text(f"converted from {gguf.name}\n")
