@@ -1,5 +1,6 @@
 """Issue 7: the learner's view. JupyterLab in headless Chromium runs notebook 02, then the chat box
-is used like a person would: type, click send, watch the answer stream, follow up, clear.
+is used like a person would: type, click send, watch the answer stream, follow up, clear. Notebook 01
+runs too: its downloads must draw a progress bar widget.
 
 Skipped (with the reason in pytest's summary) when /usr/bin/chromium is missing; .ci/run installs
 it, so CI always runs this. Screenshots go to $DHLLM_SCREENSHOT_DIR when set (``make images``
@@ -11,7 +12,10 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,10 +31,11 @@ from tests.e2e_lab import (
     saved_errors,
     unexecuted_code_cells,
     wait_kernel_idle,
+    without_server_key,
 )
+from tests.notebook_env import notebook_services
 
-NOTEBOOK = "notebooks/02_linly_api.ipynb"
-RUN_ALL_TIMEOUT_S = 420  # the notebook loads and serves the embedded model on CPU
+RUN_ALL_TIMEOUT_S = 420  # notebook 02 loads and serves the embedded model on CPU
 ANSWER_TIMEOUT_S = 120
 
 pytestmark = [
@@ -50,59 +55,74 @@ def shots(tmp_path: Path) -> Path:
     return target
 
 
-def test_notebook_02_runs_in_jupyterlab_and_chat_box_works(tmp_path: Path, shots: Path) -> None:
-    if not (REPO / NOTEBOOK).exists():
-        pytest.fail(f"{NOTEBOOK} is missing")
+@contextmanager
+def notebook_in_lab(tmp_path: Path, notebook: str) -> Iterator[tuple[JupyterLab, Any]]:
+    """JupyterLab on a stripped copy of the notebooks, ``notebook`` open, run all, no errors."""
+    if not (REPO / notebook).exists():
+        pytest.fail(f"{notebook} is missing")
     root = copy_tree_for_lab(tmp_path / "root")
     state = tmp_path / "state"
     state.mkdir()
-    # Shorter default answers keep Run All within budget on two CPU cores; every cell still runs
-    # as written (nbval and the Colab rehearsal run the notebook with the defaults).
-    env = {"DHLLM_DEFAULT_MAX_NEW_TOKENS": "48"}
-    with JupyterLab(root, state, free_port(), env=env) as lab, \
-            chromium_page(tmp_path / "chromium-profile") as page:
-        try:
-            lab.reset(NOTEBOOK)
-            page.goto(lab.lab_url(NOTEBOOK))
-            wait_kernel_idle(page, 90)
-            run_all_and_wait(page, RUN_ALL_TIMEOUT_S)
+    with notebook_services() as services:
+        # Shorter default answers keep Run All within budget on two CPU cores; every cell still
+        # runs as written (nbval and the Colab rehearsal run the notebooks too).
+        env = {**without_server_key(services), "DHLLM_DEFAULT_MAX_NEW_TOKENS": "48"}
+        with JupyterLab(root, state, free_port(), env=env) as lab, \
+                chromium_page(tmp_path / "chromium-profile") as page:
+            try:
+                lab.reset(notebook)
+                page.goto(lab.lab_url(notebook))
+                wait_kernel_idle(page, 90)
+                run_all_and_wait(page, RUN_ALL_TIMEOUT_S)
+                errors = error_outputs(page)
+                assert not errors, "cells show errors:\n\n" + "\n\n".join(errors)
+                assert unexecuted_code_cells(page) == 0, "Run All left cells unexecuted"
+                page.keyboard.press("Control+s")  # the saved file must agree: no error outputs
+                page.wait_for_timeout(1000)
+                assert saved_errors(root / notebook) == []
+                page.keyboard.press("Control+b")  # hide the file browser for the pictures
+                yield lab, page
+            except BaseException:
+                # What the browser showed when it failed, for the person reading the CI log.
+                page.screenshot(path=str(tmp_path / "failure.png"))
+                print(f"failure screenshot: {tmp_path / 'failure.png'}\njupyter log:\n{lab.log()}")
+                raise
 
-            errors = error_outputs(page)
-            assert not errors, "cells show errors:\n\n" + "\n\n".join(errors)
-            assert unexecuted_code_cells(page) == 0, "Run All left cells unexecuted"
-            page.keyboard.press("Control+s")  # the saved file must agree: no error outputs in it
-            page.wait_for_timeout(1000)
-            assert saved_errors(root / NOTEBOOK) == []
 
-            page.keyboard.press("Control+b")  # hide the file browser: the notebook fills the picture
-            chat = page.locator(".dhllm-chat").last
-            center(chat)
+def test_notebook_02_runs_in_jupyterlab_and_chat_box_works(tmp_path: Path, shots: Path) -> None:
+    with notebook_in_lab(tmp_path, "notebooks/02_linly_api.ipynb") as (_lab, page):
+        chat = page.locator(".dhllm-chat").last
+        center(chat)
 
-            first = ask_like_a_person(page, chat, "What is the capital of France?", press_enter=False)
-            assert len(first) >= 2, f"the answer did not grow piece by piece: {first}"
-            center(chat)
-            page.screenshot(path=str(shots / "jupyterlab_notebook02.png"))
-            # The follow-up goes out with Enter; the widget keeps and shows both turns.
-            ask_like_a_person(page, chat, "And what is the capital of Germany?", press_enter=True)
-            assert chat.locator(".dhllm-msg-user").count() == 2
-            assert chat.locator(".dhllm-msg-assistant").count() == 2
-            assert "2 轮对话" in chat.locator(".dhllm-chat-status").inner_text()
-            shoot(page, chat, shots / "chat_widget.png")
-            # A longer answer, photographed while it is still streaming in.
-            ask_like_a_person(page, chat, "Tell me a short story about a robot.", press_enter=True,
-                              streaming_shot=shots / "chat_widget_streaming.png")
+        first = ask_like_a_person(page, chat, "What is the capital of France?", press_enter=False)
+        assert len(first) >= 2, f"the answer did not grow piece by piece: {first}"
+        center(chat)
+        page.screenshot(path=str(shots / "jupyterlab_notebook02.png"))
+        # The follow-up goes out with Enter; the widget keeps and shows both turns.
+        ask_like_a_person(page, chat, "And what is the capital of Germany?", press_enter=True)
+        assert chat.locator(".dhllm-msg-user").count() == 2
+        assert chat.locator(".dhllm-msg-assistant").count() == 2
+        assert "2 轮对话" in chat.locator(".dhllm-chat-status").inner_text()
+        shoot(page, chat, shots / "chat_widget.png")
+        # A longer answer, photographed while it is still streaming in.
+        ask_like_a_person(page, chat, "Tell me a short story about a robot.", press_enter=True,
+                          streaming_shot=shots / "chat_widget_streaming.png")
 
-            chat.get_by_role("button", name="清空").click()
-            page.wait_for_function(
-                "el => el.querySelectorAll('.dhllm-msg').length === 0",
-                arg=chat.element_handle(), timeout=10_000)
-            assert "还没有对话" in chat.locator(".dhllm-chat-log").inner_text()
-            assert "0 轮对话" in chat.locator(".dhllm-chat-status").inner_text()
-        except BaseException:
-            # What the browser showed when it failed, for the person reading the CI log.
-            page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
-            print(f"failure screenshot: {tmp_path / 'failure.png'}\njupyter log:\n{lab.log()}")
-            raise
+        chat.get_by_role("button", name="清空").click()
+        page.wait_for_function(
+            "el => el.querySelectorAll('.dhllm-msg').length === 0",
+            arg=chat.element_handle(), timeout=10_000)
+        assert "还没有对话" in chat.locator(".dhllm-chat-log").inner_text()
+        assert "0 轮对话" in chat.locator(".dhllm-chat-status").inner_text()
+
+
+def test_notebook_01_downloads_show_a_progress_bar_widget(tmp_path: Path, shots: Path) -> None:
+    with notebook_in_lab(tmp_path, "notebooks/01_download.ipynb") as (_lab, page):
+        # tqdm.auto draws an ipywidgets bar in Jupyter (text bars would be in a stderr output).
+        cell = page.locator(".jp-CodeCell", has=page.locator(".widget-hprogress")).first
+        assert cell.count() == 1, "no download progress bar widget in notebook 01"
+        center(cell)
+        shoot(page, cell, shots / "download_progress.png")
 
 
 def center(element) -> None:  # noqa: ANN001

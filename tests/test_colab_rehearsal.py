@@ -32,6 +32,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from helpers.config import REPO_URL
+from tests.e2e_lab import without_server_key
 from tests.notebook_env import notebook_services
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,9 +161,11 @@ def test_notebook_runs_like_on_colab(name: str, colab_venv: ColabVenv,
     env = {**colab_venv.env, "DHLLM_DEFAULT_MAX_NEW_TOKENS": "48"}
     with notebook_services() as services:
         try:
-            client.execute(env={**env, **services})
+            client.execute(env={**env, **without_server_key(services)})
         except CellExecutionError as err:
+            nbformat.write(nb, folder / f"executed-{name}")  # every output up to the failure
             plain = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # IPython colours its tracebacks
-            pytest.fail(f"{name} failed outside the checkout:\n{plain}", pytrace=False)
+            pytest.fail(f"{name} failed outside the checkout (outputs so far: "
+                        f"{folder / f'executed-{name}'}):\n{plain}", pytrace=False)
     last = nb.cells[-1].outputs
     assert any("isolated:" in out.get("text", "") for out in last), last
