@@ -132,9 +132,12 @@ def provider_env(openai: FakeServer | None = None, gemini: FakeServer | None = N
     env: dict[str, str] = {}
     if openai is not None:
         env["OPENAI_BASE_URL"] = openai.base_url  # read by the openai SDK itself
+        # Cloud presets only: the local ones (vllm, ollama, dhllm) need no key, and dhllm's key
+        # variable DHLLM_API_KEY is also our own server's setting: set, it would lock notebook
+        # servers behind a key the notebooks' curl calls do not send.
         for preset in PRESETS.values():
-            env[preset.base_url_env] = openai.base_url  # DHLLM_<PRESET>_BASE_URL
-            if preset.key_env:
+            if preset.key_required and preset.key_env:
+                env[preset.base_url_env] = openai.base_url  # DHLLM_<PRESET>_BASE_URL
                 env[preset.key_env] = key
     if gemini is not None:
         env["GOOGLE_GEMINI_BASE_URL"] = gemini.base_url  # read by google-genai
