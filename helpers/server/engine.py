@@ -419,19 +419,19 @@ class BatchingEngine(Engine):
                     if stream.cancelled.is_set():
                         self._count("cancelled")
                         stream.close(Finish("cancelled", len(prompt_ids)))
-                if live:
+                if live:  # newcomers first: they join the running batch before its next step
                     try:
                         self._prefill(live)
                     except Exception as exc:  # e.g. out of memory: fail the newcomers only
                         for stream, prompt_ids, _ in live:
                             self._count("errors")
                             stream.close(Finish("error", len(prompt_ids), error=exc))
-                elif self._rows:
-                    try:
+                try:
+                    if not live and self._rows:
                         self._decode_step()
-                    except Exception as exc:  # the batch is lost; the loop serves the next ones
-                        self._fail_all(exc)
-                self._emit_and_prune()
+                    self._emit_and_prune()
+                except Exception as exc:  # the batch is lost; the loop lives on for the next ones
+                    self._fail_all(exc)
             self._fail_all(EngineStoppedError("the server is shutting down"))
             with self._wake:
                 for stream, prompt_ids, _ in self._pending:
