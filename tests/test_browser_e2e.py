@@ -119,23 +119,27 @@ def test_notebook_02_runs_in_jupyterlab_and_chat_box_works(tmp_path: Path, shots
 def test_notebook_01_downloads_show_a_progress_bar_widget(tmp_path: Path, shots: Path) -> None:
     with notebook_in_lab(tmp_path, "notebooks/01_download.ipynb") as (_lab, page):
         # tqdm.auto draws an ipywidgets bar in Jupyter (text bars would be in a stderr output).
-        cell = page.locator(".jp-CodeCell", has=page.locator(".widget-hprogress")).first
-        assert cell.count() == 1, "no download progress bar widget in notebook 01"
-        center(cell)
+        bars = page.locator(".jp-CodeCell", has=page.locator(".widget-hprogress"))
+        cell = bars.filter(has_text="linly_dir = download(")
+        assert cell.count() == 1, "no progress bar widget under the Linly download in notebook 01"
+        center(cell, "start")
         shoot(page, cell, shots / "download_progress.png")
 
 
-def center(element) -> None:  # noqa: ANN001
-    """Scroll the element to the middle of the notebook view."""
-    element.evaluate("el => el.scrollIntoView({block: 'center'})")
+def center(element, block: str = "center") -> None:  # noqa: ANN001
+    """Scroll the element to the middle (or top: block="start") of the notebook view."""
+    element.evaluate(f"el => el.scrollIntoView({{block: '{block}'}})")
 
 
 def shoot(page, element, path: Path, margin: int = 8) -> None:  # noqa: ANN001
-    """Screenshot of one element with a little room around it."""
+    """Screenshot of one element with a little room around it, cut to the visible notebook."""
     box = element.bounding_box()
-    page.screenshot(path=str(path), clip={
-        "x": max(box["x"] - margin, 0), "y": max(box["y"] - margin, 0),
-        "width": box["width"] + 2 * margin, "height": box["height"] + 2 * margin})
+    view = page.locator(".jp-NotebookPanel-notebook:visible").bounding_box()
+    left, top = max(box["x"] - margin, view["x"]), max(box["y"] - margin, view["y"])
+    right = min(box["x"] + box["width"] + margin, view["x"] + view["width"])
+    bottom = min(box["y"] + box["height"] + margin, view["y"] + view["height"])
+    page.screenshot(path=str(path),
+                    clip={"x": left, "y": top, "width": right - left, "height": bottom - top})
 
 
 # Records every text the newest answer shows, however fast the pieces come (polling could miss
