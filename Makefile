@@ -38,7 +38,8 @@ test: setup
 e2e: setup
 	$(PY) -m pytest tests/test_browser_e2e.py -m e2e
 
-# Screenshots (JupyterLab + chat widget, from the browser test) and the throughput plot.
+# Screenshots (notebook 02 + chat widget, notebook 01's download bar; from the browser test)
+# and the throughput plot.
 images: setup
 	@test -x /usr/bin/chromium || { echo "images: needs Debian's chromium (apt-get install -y chromium)"; exit 1; }
 	@fc-list :lang=zh | grep -q . || echo "images: warning: no Chinese font, text shows as boxes (apt-get install -y fonts-wqy-microhei)"

@@ -23,7 +23,10 @@ from typing import Any
 import nbformat
 import requests
 
+from helpers.config import REPO_URL
+
 REPO = Path(__file__).resolve().parents[1]
+GITHUB_REPO = REPO_URL.split("github.com/", 1)[1].removesuffix(".git")  # owner/name
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the networking flags Chromium keeps calling home, which floods a closed network.
 CHROMIUM_ARGS = [
@@ -160,10 +163,22 @@ def chromium_page(user_data_dir: Path, width: int = 1280, height: int = 900) -> 
             args=CHROMIUM_ARGS, viewport={"width": width, "height": height}, locale="zh-CN",
         )
         try:
+            # Notebooks show pictures by their GitHub address (so Colab finds them); this network
+            # is closed, so answer those requests from the checkout instead.
+            context.route(f"https://raw.githubusercontent.com/{GITHUB_REPO}/**", _serve_from_repo)
             page = context.pages[0] if context.pages else context.new_page()
             yield page
         finally:
             context.close()
+
+
+def _serve_from_repo(route: Any) -> None:
+    parts = route.request.url.split(f"/{GITHUB_REPO}/", 1)[1].split("/", 1)  # branch, path
+    path = REPO / parts[1] if len(parts) == 2 else None
+    if path is not None and path.is_file() and REPO in path.resolve().parents:
+        route.fulfill(path=str(path))
+    else:
+        route.fulfill(status=404)
 
 
 def wait_kernel_idle(page: Any, timeout_s: float) -> None:
