@@ -21,5 +21,9 @@ def notebook_services() -> Iterator[dict[str, str]]:
     """Start the provider fakes; yield the environment variables that point notebooks at them."""
     with start_fake_openai(api_key=FAKE_KEY) as openai_fake, \
             start_fake_gemini(api_key=FAKE_KEY) as gemini_fake:
-        # DHLLM_OFFLINE: notebook 01 uses its local mirror, never a real hub.
-        yield {"DHLLM_OFFLINE": "1", **provider_env(openai_fake, gemini_fake, key=FAKE_KEY)}
+        yield {
+            "DHLLM_OFFLINE": "1",  # notebook 01 uses its local mirror, never a real hub
+            # The chapter's curl sends no max_length: keep CPU answers short under test.
+            "DHLLM_DEFAULT_MAX_NEW_TOKENS": "48",
+            **provider_env(openai_fake, gemini_fake, key=FAKE_KEY),
+        }
