@@ -41,12 +41,6 @@ KERNEL_IDLE = re.compile(r"Python 3 \(ipykernel\) \| Idle")
 ERROR_OUTPUT = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
 
 
-def without_server_key(env: Mapping[str, str]) -> dict[str, str]:
-    """The notebook environment minus DHLLM_API_KEY: for the cloud fakes it is the "dhllm" preset's
-    key, but our own server reads it too and would then turn away the notebooks' keyless calls."""
-    return {k: v for k, v in env.items() if k != "DHLLM_API_KEY"}
-
-
 def chromium_missing_reason() -> str | None:
     """Why the browser test cannot run here, or None when it can."""
     if not CHROMIUM.exists():

@@ -31,7 +31,6 @@ from tests.e2e_lab import (
     saved_errors,
     unexecuted_code_cells,
     wait_kernel_idle,
-    without_server_key,
 )
 from tests.notebook_env import notebook_services
 
@@ -63,30 +62,26 @@ def notebook_in_lab(tmp_path: Path, notebook: str) -> Iterator[tuple[JupyterLab,
     root = copy_tree_for_lab(tmp_path / "root")
     state = tmp_path / "state"
     state.mkdir()
-    with notebook_services() as services:
-        # Shorter default answers keep Run All within budget on two CPU cores; every cell still
-        # runs as written (nbval and the Colab rehearsal run the notebooks too).
-        env = {**without_server_key(services), "DHLLM_DEFAULT_MAX_NEW_TOKENS": "48"}
-        with JupyterLab(root, state, free_port(), env=env) as lab, \
+    with notebook_services() as env, JupyterLab(root, state, free_port(), env=env) as lab, \
                 chromium_page(tmp_path / "chromium-profile") as page:
-            try:
-                lab.reset(notebook)
-                page.goto(lab.lab_url(notebook))
-                wait_kernel_idle(page, 90)
-                run_all_and_wait(page, RUN_ALL_TIMEOUT_S)
-                errors = error_outputs(page)
-                assert not errors, "cells show errors:\n\n" + "\n\n".join(errors)
-                assert unexecuted_code_cells(page) == 0, "Run All left cells unexecuted"
-                page.keyboard.press("Control+s")  # the saved file must agree: no error outputs
-                page.wait_for_timeout(1000)
-                assert saved_errors(root / notebook) == []
-                page.keyboard.press("Control+b")  # hide the file browser for the pictures
-                yield lab, page
-            except BaseException:
-                # What the browser showed when it failed, for the person reading the CI log.
-                page.screenshot(path=str(tmp_path / "failure.png"))
-                print(f"failure screenshot: {tmp_path / 'failure.png'}\njupyter log:\n{lab.log()}")
-                raise
+        try:
+            lab.reset(notebook)
+            page.goto(lab.lab_url(notebook))
+            wait_kernel_idle(page, 90)
+            run_all_and_wait(page, RUN_ALL_TIMEOUT_S)
+            errors = error_outputs(page)
+            assert not errors, "cells show errors:\n\n" + "\n\n".join(errors)
+            assert unexecuted_code_cells(page) == 0, "Run All left cells unexecuted"
+            page.keyboard.press("Control+s")  # the saved file must agree: no error outputs
+            page.wait_for_timeout(1000)
+            assert saved_errors(root / notebook) == []
+            page.keyboard.press("Control+b")  # hide the file browser for the pictures
+            yield lab, page
+        except BaseException:
+            # What the browser showed when it failed, for the person reading the CI log.
+            page.screenshot(path=str(tmp_path / "failure.png"))
+            print(f"failure screenshot: {tmp_path / 'failure.png'}\njupyter log:\n{lab.log()}")
+            raise
 
 
 def test_notebook_02_runs_in_jupyterlab_and_chat_box_works(tmp_path: Path, shots: Path) -> None:

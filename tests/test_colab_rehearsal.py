@@ -32,7 +32,6 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from helpers.config import REPO_URL
-from tests.e2e_lab import without_server_key
 from tests.notebook_env import notebook_services
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,12 +155,9 @@ def test_notebook_runs_like_on_colab(name: str, colab_venv: ColabVenv,
                        kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(colab_venv.kernels)]))
     client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S,
                             resources={"metadata": {"path": str(folder)}})
-    # Shorter default answers keep the four notebooks within budget; the point here is where
-    # the code comes from, and the nbval run keeps the notebooks' own defaults.
-    env = {**colab_venv.env, "DHLLM_DEFAULT_MAX_NEW_TOKENS": "48"}
     with notebook_services() as services:
         try:
-            client.execute(env={**env, **without_server_key(services)})
+            client.execute(env={**colab_venv.env, **services})
         except CellExecutionError as err:
             nbformat.write(nb, folder / f"executed-{name}")  # every output up to the failure
             plain = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # IPython colours its tracebacks
