@@ -131,28 +131,24 @@ def download_command(
     target = str(local_dir) if local_dir is not None else hub_id.split("/")[-1]
     base = endpoint_for(source, endpoint)
     q = lambda text: _quote(text, shell)  # noqa: E731
-    if source in ("hf", "hf-mirror"):
-        cmd = f"hf download {q(hub_id)} --local-dir {q(target)}"
+    # Both hub CLIs take the same arguments; they differ in name, default address and variable.
+    hub_cli = {
+        "hf": ("hf", HF_ENDPOINT, "HF_ENDPOINT"),
+        "hf-mirror": ("hf", HF_ENDPOINT, "HF_ENDPOINT"),
+        "modelscope": ("modelscope", MODELSCOPE_ENDPOINT, "MODELSCOPE_ENDPOINT"),
+    }
+    if source in hub_cli:
+        program, default_base, variable = hub_cli[source]
+        cmd = f"{program} download {q(hub_id)} --local-dir {q(target)}"
         if revision:
             cmd += f" --revision {q(revision)}"
         if include:
             cmd += f" --include {q(include)}"
-        if base == HF_ENDPOINT:
+        if base == default_base:
             return cmd
         if shell == "powershell":
-            return f'$env:HF_ENDPOINT = "{base}"\n{cmd}'
-        return f"HF_ENDPOINT={q(base)} {cmd}"
-    if source == "modelscope":
-        cmd = f"modelscope download {q(hub_id)} --local-dir {q(target)}"
-        if revision:
-            cmd += f" --revision {q(revision)}"
-        if include:
-            cmd += f" --include {q(include)}"
-        if base == MODELSCOPE_ENDPOINT:
-            return cmd
-        if shell == "powershell":
-            return f'$env:MODELSCOPE_ENDPOINT = "{base}"\n{cmd}'
-        return f"MODELSCOPE_ENDPOINT={q(base)} {cmd}"
+            return f'$env:{variable} = "{base}"\n{cmd}'
+        return f"{variable}={q(base)} {cmd}"
     branch = f" --branch {q(revision)}" if revision else ""
     return f"git lfs install\ngit clone{branch} {q(_git_url(hub_id, base))} {q(target)}"
 
