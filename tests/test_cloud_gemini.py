@@ -17,18 +17,11 @@ from helpers.chat import (
 )
 from helpers.cloud import GeminiChat
 from helpers.secrets import MissingSecretError
-from tests.fakes import FakeServer
+from tests.fakes import ECHO, HISTORY, FakeServer
 from tests.fakes.gemini_fake import start_fake_gemini
 
 KEY = "AIza-dhllm-test-Secret-Jw4R"
 WRONG_KEY = "AIza-dhllm-wrong-Secret-Mz2P"
-HISTORY = [
-    {"role": "system", "content": "简短回答"},
-    {"role": "user", "content": "hi"},
-    {"role": "assistant", "content": "hello"},
-    {"role": "user", "content": "你好吗"},
-]
-ECHO = "echo: 你好吗 (turns=3, system=简短回答)"
 ENV = ["GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GEMINI_BASE_URL", "GOOGLE_GENAI_USE_VERTEXAI",
        "GOOGLE_GENAI_API_VERSION"]
 

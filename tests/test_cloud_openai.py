@@ -17,18 +17,11 @@ from helpers.chat import (
 )
 from helpers.cloud import PRESETS, OpenAIChat
 from helpers.secrets import MissingSecretError
-from tests.fakes import FakeServer
+from tests.fakes import ECHO, HISTORY, FakeServer
 from tests.fakes.openai_fake import start_fake_openai
 
 KEY = "sk-dhllm-test-Secret-Qx9Z"
 WRONG_KEY = "sk-dhllm-wrong-Secret-Vb7K"
-HISTORY = [
-    {"role": "system", "content": "简短回答"},
-    {"role": "user", "content": "hi"},
-    {"role": "assistant", "content": "hello"},
-    {"role": "user", "content": "你好吗"},
-]
-ECHO = "echo: 你好吗 (turns=3, system=简短回答)"
 ENV = ["OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_LOG", "DEEPSEEK_API_KEY", "ZHIPUAI_API_KEY",
        "DASHSCOPE_API_KEY", "MOONSHOT_API_KEY", "VLLM_API_KEY", "DHLLM_API_KEY",
        *(p.base_url_env for p in PRESETS.values())]

@@ -143,3 +143,14 @@ def provider_env(openai: FakeServer | None = None, gemini: FakeServer | None = N
         env["GOOGLE_GEMINI_BASE_URL"] = gemini.base_url  # read by google-genai
         env[GEMINI_KEY_ENVS[0]] = key
     return env
+
+
+# A conversation with a system prompt and one earlier turn, and what every fake answers to it:
+# the answer shows that system prompt, history and last message all arrived.
+HISTORY = [
+    {"role": "system", "content": "简短回答"},
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "hello"},
+    {"role": "user", "content": "你好吗"},
+]
+ECHO = answer_for("你好吗", turns=3, system="简短回答")
