@@ -117,7 +117,12 @@ class JupyterLab:
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: the server shuts its kernels down
+            # Shut the kernels down first, and wait for it: a kernel orphaned by a slow shutdown
+            # would keep notebook 02's server on port 7871 for every test after this one.
+            with contextlib.suppress(requests.RequestException, ValueError):
+                for session in self.api("GET", "sessions").json():
+                    self.api("DELETE", f"sessions/{session['id']}")
+            self.proc.terminate()  # SIGTERM: the server shuts any remaining kernels down
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:

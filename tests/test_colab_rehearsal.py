@@ -163,5 +163,10 @@ def test_notebook_runs_like_on_colab(name: str, colab_venv: ColabVenv,
             plain = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # IPython colours its tracebacks
             pytest.fail(f"{name} failed outside the checkout (outputs so far: "
                         f"{folder / f'executed-{name}'}):\n{plain}", pytrace=False)
+        finally:
+            # nbclient shuts down only kernels it started itself; ours would live on, and with
+            # it notebook 02's server on port 7871, failing every later test that needs the port.
+            if km.has_kernel:
+                km.shutdown_kernel(now=True)
     last = nb.cells[-1].outputs
     assert any("isolated:" in out.get("text", "") for out in last), last
