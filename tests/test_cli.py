@@ -16,8 +16,10 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
 def test_help_lists_every_command():
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ["chat"]:
+    for command in ["chat", "serve", "download", "mirror", "bench"]:
         assert command in result.stdout
+    mirror = run_cli("mirror", "--help")
+    assert mirror.returncode == 0 and "serve" in mirror.stdout and "add" in mirror.stdout
 
 
 @pytest.mark.slow
