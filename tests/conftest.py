@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.models import build_tiny_model  # noqa: F401  (re-exported for tests)
+from helpers.models import build_tiny_model
 
 
 def free_port() -> int:
