@@ -76,7 +76,7 @@ def _ask_forever():
         yield text
 
 
-# ---------------------------------------------------------------- download and mirror (issue 4)
+# ---------------------------------------------------------------- download and mirror
 
 
 @app.command()
@@ -89,11 +89,13 @@ def download(
     include: Annotated[list[str] | None, typer.Option(help="glob of files to fetch; repeatable")] = None,
 ) -> None:
     """Download a model with a progress bar; a killed download resumes; the result is verified."""
-    from helpers.download import DownloadError, VerificationError
-    from helpers.download import download as do_download
+    from helpers.hub import DownloadError, VerificationError
+    from helpers.hub import download as do_download
+    from helpers.models import hub_id
 
     try:
-        path = do_download(repo, source, local_dir, revision, include or None, endpoint)  # type: ignore[arg-type]
+        repo_id = hub_id(repo, source)
+        path = do_download(repo_id, source, local_dir, revision, include or None, endpoint)  # type: ignore[arg-type]
     except (DownloadError, VerificationError, ValueError, KeyError) as exc:
         _fail(str(exc))
     typer.echo(str(path))
@@ -111,11 +113,11 @@ def mirror_serve(
     throttle: Annotated[float | None, typer.Option(help="bytes/s per connection (demos)")] = None,
 ) -> None:
     """Serve DIR so HF_ENDPOINT / MODELSCOPE_ENDPOINT=http://HOST:PORT clients download from it."""
-    from helpers.mirror import serve_mirror
-    from helpers.server.background import PortInUseError
+    from helpers.hub.mirror import serve_mirror
+    from helpers.serving import PortInUseError
 
     try:
-        serve_mirror(directory, host, port or get_settings().mirror_port, throttle=throttle)
+        serve_mirror(directory, host, port, throttle=throttle)
     except (PortInUseError, FileNotFoundError) as exc:
         _fail(str(exc))
 
@@ -128,17 +130,19 @@ def mirror_add(
     endpoint: Annotated[str | None, typer.Option(help="hub address, overrides the source's")] = None,
 ) -> None:
     """Fill the mirror: download org/name from a hub, or link/copy a local model folder."""
-    from helpers.download import DownloadError, VerificationError
-    from helpers.mirror import add_to_mirror
+    from helpers.hub import DownloadError, VerificationError
+    from helpers.hub.mirror_store import add_to_mirror
+    from helpers.models import hub_id
 
     try:
-        path = add_to_mirror(repo, directory, source, endpoint=endpoint)
+        hub_source = source if source in ("hf", "hf-mirror", "modelscope") else "hf"
+        path = add_to_mirror(hub_id(repo, hub_source), directory, source, endpoint=endpoint)
     except (DownloadError, VerificationError, ValueError, KeyError) as exc:
         _fail(str(exc))
     typer.echo(str(path))
 
 
-# ---------------------------------------------------------------- API server and benchmark (issue 3)
+# ---------------------------------------------------------------- API server and benchmark
 
 
 def bind_warning(host: str, api_key: str | None) -> str | None:

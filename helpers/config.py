@@ -16,6 +16,10 @@ REPO_URL = "https://github.com/dhllm/dhllm"
 
 DEFAULT_PORT = 7871  # the chapter's port
 DEFAULT_MIRROR_PORT = 8090
+# 256 new tokens: on a 2-core CPU that is ~10 s for the embedded model, while the chapter's
+# 2048 would take minutes per request. 0.7: the usual chat default (OpenAI's API uses 1.0).
+DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_TEMPERATURE = 0.7
 
 
 class Settings(BaseSettings):
@@ -32,9 +36,8 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
     log_prompts: bool = False
 
-    # Generation limits. 256 new tokens by default: on a 2-core CPU that is ~10 s for the
-    # embedded model, while the chapter's 2048 would take minutes per request.
-    default_max_new_tokens: int = 256
+    # Generation limits.
+    default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     max_new_tokens_cap: int = 2048
     max_prompt_chars: int = 32_000
 

@@ -1,6 +1,6 @@
 """A registry of the chapter's models and ``load_model``, which picks device and dtype.
 
-Knows nothing of HTTP. ``load_model`` runs the cheap part of ``download.verify`` before it
+Knows nothing of HTTP. ``load_model`` runs the cheap part of ``hub.verify`` before it
 loads a local folder, so a learner never meets "invalid load key" from a git-lfs pointer.
 """
 
@@ -11,6 +11,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from packaging.version import Version
+
+from helpers.config import get_settings
+from helpers.embedded import embedded_model_dir
+from helpers.hub import verify
 
 PromptFormat = Literal["linly", "chat_template", "remote_chat"]
 
@@ -112,12 +118,16 @@ def get_spec(name: str) -> ModelSpec:
         raise KeyError(f"unknown model {name!r}; known models: {known}, or a local path") from None
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in version.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
+def hub_id(name_or_id: str, source: str = "hf") -> str:
+    """The hub id for a registry name on ``source`` (ModelScope ids differ); other ids stay."""
+    spec = REGISTRY.get(name_or_id)
+    if spec is None:
+        return name_or_id
+    found = spec.modelscope_id if source == "modelscope" else spec.hf_id
+    if found is None:
+        where = "ModelScope" if source == "modelscope" else "Hugging Face"
+        raise ValueError(f"model {name_or_id!r} has no {where} id in the registry; try another source")
+    return found
 
 
 def check_remote_code_support(spec: ModelSpec, transformers_version: str | None = None) -> None:
@@ -128,7 +138,7 @@ def check_remote_code_support(spec: ModelSpec, transformers_version: str | None 
         import transformers
 
         transformers_version = transformers.__version__
-    if _version_tuple(transformers_version) >= _version_tuple(spec.transformers_below):
+    if Version(transformers_version).release >= Version(spec.transformers_below).release:
         alternative = (
             f" Use the native successor instead: load_model({spec.native_alternative!r})."
             if spec.native_alternative
@@ -180,7 +190,8 @@ def cuda_memory_gb() -> float:
 
 def choose_model(preferred: str, fallback: str = "embedded") -> str:
     """``DHLLM_MODEL`` if set, else ``preferred`` when CUDA has room for it, else ``fallback``."""
-    override = os.environ.get("DHLLM_MODEL")
+    settings = get_settings()
+    override = settings.model if "model" in settings.model_fields_set else None  # set by the user
     if override:
         print(f"DHLLM_MODEL={override}: using it")
         return override
@@ -204,8 +215,6 @@ def resolve(name_or_path: str | os.PathLike[str]) -> tuple[ModelSpec | None, str
     if text in REGISTRY:
         spec = REGISTRY[text]
         if spec.name == "embedded":
-            from helpers.embedded import embedded_model_dir
-
             return spec, str(embedded_model_dir())
         return spec, spec.hf_id or text
     return None, text
@@ -226,8 +235,6 @@ def load_model(
         check_remote_code_support(spec)
     local = Path(source)
     if local.is_dir():
-        from helpers.download import verify
-
         verify(local, quick=True)  # git-lfs pointers, missing weights: fail here, clearly
     placement = choose_placement(device, dtype)
     if verbose:
@@ -262,54 +269,3 @@ def describe_environment() -> str:
         f"Python {platform.python_version()} | torch {torch.__version__} | "
         f"transformers {transformers.__version__} | {device}"
     )
-
-
-def build_tiny_model(
-    target: str | os.PathLike[str],
-    tokenizer_dir: str | os.PathLike[str] | None = None,
-    arch: str = "qwen2",
-    seed: int = 0,
-) -> Path:
-    """Save a 2-layer random Llama or Qwen2 (3.2 M params) with SmolLM2's tokenizer to ``target``.
-
-    For tests and offline demos: it loads, chats and serves like a real model in milliseconds,
-    but its answers are noise. The folder carries a README saying so.
-    """
-    import torch
-    from transformers import (
-        AutoTokenizer,
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
-
-    from helpers.embedded import embedded_model_dir
-
-    architectures = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
-    if arch not in architectures:
-        raise ValueError(f"arch must be one of {sorted(architectures)}; got {arch!r}")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or embedded_model_dir(verbose=False))
-    config_class, model_class = architectures[arch]
-    config = config_class(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    target = Path(target)
-    model_class(config).save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    (target / "README.md").write_text(
-        f"# Tiny random {arch} stand-in\n\nBuilt by dhllm for offline tests and demos: "
-        "random weights, SmolLM2 tokenizer. Its answers are noise.\n"
-    )
-    return target

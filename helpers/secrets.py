@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 
-from helpers.chat import AuthenticationError
+from helpers.errors import AuthenticationError
 
 # Where a learner gets each key: shown in the error when it is missing.
 KEY_SOURCES: dict[str, tuple[str, str]] = {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.models import build_tiny_model
+from helpers.stand_in import build_tiny_model
 
 
 def free_port() -> int:

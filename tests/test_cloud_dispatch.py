@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from helpers.chat import get_chat_model
-from helpers.cloud import PRESETS, GeminiChat, OpenAIChat, get_preset
+from helpers.chat import PRESETS, GeminiChat, OpenAIChat, get_chat_model, get_preset
 from helpers.models import UnsupportedModelError
 
 KEY_ENVS = sorted({p.key_env for p in PRESETS.values() if p.key_env} | {"GEMINI_API_KEY"})
@@ -26,7 +25,7 @@ def keys(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_importing_helpers_does_not_import_the_sdks() -> None:
-    code = ("import sys, helpers.chat, helpers.cloud, helpers.secrets; "
+    code = ("import sys, helpers.chat, helpers.secrets; "
             "print(sorted(m for m in ('openai', 'google.genai') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -11,11 +11,11 @@ import pytest
 from helpers.chat import (
     AuthenticationError,
     BadRequestError,
+    GeminiChat,
     RateLimitError,
     UnavailableError,
     get_chat_model,
 )
-from helpers.cloud import GeminiChat
 from helpers.secrets import MissingSecretError
 from tests.fakes import ECHO, HISTORY, FakeServer
 from tests.fakes.gemini_fake import start_fake_gemini

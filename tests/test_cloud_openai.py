@@ -9,13 +9,14 @@ from collections.abc import Iterator
 import pytest
 
 from helpers.chat import (
+    PRESETS,
     AuthenticationError,
     BadRequestError,
+    OpenAIChat,
     RateLimitError,
     UnavailableError,
     get_chat_model,
 )
-from helpers.cloud import PRESETS, OpenAIChat
 from helpers.secrets import MissingSecretError
 from tests.fakes import ECHO, HISTORY, FakeServer
 from tests.fakes.openai_fake import start_fake_openai
@@ -79,12 +80,12 @@ def test_params_mapping(fake: FakeServer) -> None:
 
 def test_top_k_dropped_and_logged_where_unsupported(fake: FakeServer,
                                                    caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="helpers.cloud")
+    caplog.set_level(logging.INFO, logger="helpers.chat.cloud_common")
     chat = model(fake)
     chat.chat(HISTORY, top_k=5)
     chat.chat(HISTORY, top_k=5)
     assert all("top_k" not in r.json for r in fake.model_requests)
-    notes = [r.getMessage() for r in caplog.records if r.name == "helpers.cloud"]
+    notes = [r.getMessage() for r in caplog.records if r.name == "helpers.chat.cloud_common"]
     assert notes == ["openai:gpt-4o-mini has no top_k: ignored"]  # once per backend
 
 

@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 import requests
 
-from helpers.chat import ChatModel
-from helpers.cloud import OpenAIChat
+from helpers.chat import ChatModel, OpenAIChat
 from tests.fakes import FakeServer, free_port
 from tests.fakes.openai_fake import start_fake_openai
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.download import (
+from helpers.hub import (
     GIT_LFS_MISSING,
     DownloadError,
     VerificationError,
@@ -21,6 +21,7 @@ from helpers.download import (
     hub_reachable,
     verify,
 )
+from helpers.models import hub_id
 from tests import test_mirror
 from tests.conftest import free_port
 from tests.test_mirror import REPO, WEIGHTS, assert_same_files, clean_env, sha256_of
@@ -68,12 +69,11 @@ def test_download_subset_with_allow_patterns(mirror, tmp_path: Path) -> None:
 
 def test_modelscope_download_by_registry_name(mirror, mirror_root: Path, tmp_path: Path) -> None:
     # "qwen-1.8b-chat" is qwen/Qwen-1_8B-Chat on ModelScope (Qwen/Qwen-1_8B-Chat on HF).
-    path = download(
-        "qwen-1.8b-chat", "modelscope", tmp_path / "qwen", endpoint=mirror.url, progress=False
-    )
+    qwen = hub_id("qwen-1.8b-chat", "modelscope")
+    path = download(qwen, "modelscope", tmp_path / "qwen", endpoint=mirror.url, progress=False)
     assert_same_files(mirror_root / "qwen" / "Qwen-1_8B-Chat", path)
     with pytest.raises(ValueError, match="no ModelScope id"):
-        download("linly-7b", "modelscope", tmp_path / "linly")
+        hub_id("linly-7b", "modelscope")
 
 
 def test_unknown_repo_and_unreachable_hub_fail_clearly(mirror, tmp_path: Path) -> None:
@@ -214,15 +214,15 @@ def test_download_command_bash_and_powershell() -> None:
     assert download_command("Linly-AI/Chinese-LLaMA-2-7B-hf", "hf", "models/linly") == (
         "hf download Linly-AI/Chinese-LLaMA-2-7B-hf --local-dir models/linly"
     )
-    assert download_command("linly-7b", "hf-mirror", "models/linly") == (
+    assert download_command(hub_id("linly-7b"), "hf-mirror", "models/linly") == (
         "HF_ENDPOINT=https://hf-mirror.com hf download Linly-AI/Chinese-LLaMA-2-7B-hf "
         "--local-dir models/linly"
     )
-    assert download_command("linly-7b", "hf-mirror", r"D:\models\linly", shell="powershell") == (
+    assert download_command(hub_id("linly-7b"), "hf-mirror", r"D:\models\linly", shell="powershell") == (
         '$env:HF_ENDPOINT = "https://hf-mirror.com"\n'
         r"hf download Linly-AI/Chinese-LLaMA-2-7B-hf --local-dir D:\models\linly"
     )
-    assert download_command("qwen-1.8b-chat", "modelscope", "qwen") == (
+    assert download_command(hub_id("qwen-1.8b-chat", "modelscope"), "modelscope", "qwen") == (
         "modelscope download qwen/Qwen-1_8B-Chat --local-dir qwen"
     )
     assert download_command("Linly-AI/Chinese-LLaMA-2-7B-hf", "git") == (

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers.mirror import add_stand_in, add_to_mirror, mirror_in_background
+from helpers.hub.mirror import mirror_in_background
+from helpers.hub.mirror_store import add_to_mirror
+from helpers.stand_in import add_stand_in
 from tests.conftest import free_port
 
 REPO = "org/tiny"
@@ -241,7 +243,7 @@ def test_loopback_throughput(mirror, mirror_root: Path) -> None:
 def test_add_to_mirror_from_folder_links_and_refuses_pointers(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    from helpers.download import VerificationError
+    from helpers.hub import VerificationError
 
     root = tmp_path / "root"
     target = add_to_mirror("Linly-AI/Chinese-LLaMA-2-7B-hf", root, tiny_model_dir, progress=False)
@@ -303,7 +305,7 @@ def test_cli_mirror_add_and_serve(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_busy_port_and_missing_folder_fail_clearly(mirror, tmp_path: Path) -> None:
-    from helpers.server.background import PortInUseError
+    from helpers.serving import PortInUseError
 
     busy = int(mirror.url.rsplit(":", 1)[1])
     with pytest.raises(PortInUseError, match="already in use"):
@@ -315,13 +317,14 @@ def test_busy_port_and_missing_folder_fail_clearly(mirror, tmp_path: Path) -> No
 def test_stand_in_under_the_chapter_id_downloads_and_loads(
     embedded_dir: Path, tmp_path: Path
 ) -> None:
-    from helpers.download import download
-    from helpers.models import load_model
+    from helpers.hub import download
+    from helpers.models import hub_id, load_model
 
     root = tmp_path / "root"
     target = add_stand_in(root, "Linly-AI/Chinese-LLaMA-2-7B-hf", progress=False)
     assert "not Linly-AI/Chinese-LLaMA-2-7B-hf" in (target / "STAND-IN.md").read_text()
     with mirror_in_background(root, port=free_port(), progress=False) as handle:
-        path = download("linly-7b", "hf", tmp_path / "linly", endpoint=handle.url, progress=False)
+        path = download(hub_id("linly-7b"), "hf", tmp_path / "linly", endpoint=handle.url,
+                        progress=False)
     model, tokenizer = load_model(path, verbose=False)
     assert model.config.model_type == "llama" and len(tokenizer) > 1000

@@ -40,8 +40,9 @@ SETUP_COMMANDS = ("make ", "git clone", "pip install", "dhllm serve", "jupyter")
 @pytest.fixture(scope="module")
 def services(tmp_path_factory, embedded_chat):
     """The chapter's server on 7871 (embedded model), a mirror on 8090, and the cloud fakes."""
-    from helpers.mirror import add_stand_in, mirror_in_background
+    from helpers.hub.mirror import mirror_in_background
     from helpers.server import serve_in_background
+    from helpers.stand_in import add_stand_in
     from tests.notebook_env import notebook_services
 
     root = tmp_path_factory.mktemp("mirror")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from helpers.server.background import PortInUseError, ServerHandle, start_uvicorn
+from helpers.serving import PortInUseError, ServerHandle, start_uvicorn
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -73,7 +73,7 @@ def serve(
     if api_key:
         overrides["api_key"] = api_key
     settings = get_settings(**overrides)
-    from helpers.server.background import ensure_port_free
+    from helpers.serving import ensure_port_free
 
     ensure_port_free(host, port)  # fail before minutes of model loading, not after
     chat_model = get_chat_model(model_spec)

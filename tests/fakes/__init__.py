@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from helpers.server.background import ServerHandle, start_uvicorn
+from helpers.serving import ServerHandle, start_uvicorn
 
 
 @dataclass
@@ -127,7 +127,7 @@ def provider_env(openai: FakeServer | None = None, gemini: FakeServer | None = N
     For a notebook-test harness: set these in the kernel's environment before it starts, and
     ``get_chat_model("zhipu:glm-4-flash")``, ``"gemini:gemini-2.5-flash"``, ... reach the fakes.
     """
-    from helpers.cloud import GEMINI_KEY_ENVS, PRESETS
+    from helpers.chat.presets import GEMINI_KEY_ENVS, PRESETS
 
     env: dict[str, str] = {}
     if openai is not None:

@@ -1,0 +1,225 @@
+"""``GeminiChat``: Google Gemini via ``google-genai`` (``google-generativeai`` is end-of-life).
+
+``gemini-pro`` is retired; the default is ``GEMINI_DEFAULT_MODEL``. Where it is pointed:
+``base_url=`` or ``GOOGLE_GEMINI_BASE_URL`` (read by google-genai); Google's default URL is never
+passed explicitly, since an explicit one would win over the variable. Retries: tenacity around
+the SDK (429, 408, 5xx, transport errors), honouring the server's delay, because google-genai's
+``HttpRetryOptions`` ignores it. The SDK is imported only when a backend is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from helpers.chat.base import ChatModel, GenerationParams, Message, validate_messages
+from helpers.chat.cloud_common import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    MAX_RETRY_AFTER,
+    retry_after_header,
+    safe_url,
+    status_error,
+    warn_dropped,
+)
+from helpers.chat.presets import GEMINI_DEFAULT_MODEL, GEMINI_KEY_ENVS
+from helpers.errors import UnavailableError
+from helpers.secrets import MissingSecretError, get_secret, has_secret, redact
+
+
+class GeminiChat(ChatModel):
+    """Google Gemini via ``google-genai``: history as ``contents`` (roles user/model), system
+    prompt as ``system_instruction``.
+
+    ``thinking_budget`` defaults to 0 for gemini-2.5-flash*: a digital human wants short, fast
+    answers, and thinking tokens would count against ``max_new_tokens`` (answers came back empty).
+    Pass ``thinking_budget=None`` to keep the model's own default. repetition_penalty has no
+    Gemini equivalent and is dropped (logged once at INFO).
+    """
+
+    def __init__(
+        self,
+        model: str = GEMINI_DEFAULT_MODEL,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        name: str | None = None,
+        api_version: str | None = None,
+        thinking_budget: int | None | str = "auto",
+        **client_options: Any,
+    ) -> None:
+        from google import genai
+        from google.genai import types
+
+        self.model = model or GEMINI_DEFAULT_MODEL
+        self.name = name or f"gemini:{self.model}"
+        self.timeout = timeout
+        self.max_retries = max_retries
+        if thinking_budget == "auto":
+            thinking_budget = 0 if self.model.startswith("gemini-2.5-flash") else None
+        self.thinking_budget = thinking_budget
+        key = api_key or self._key_from_secrets()  # raises MissingSecretError before any request
+        self._secrets = (key,)
+        self._warned: set[str] = set()
+        http_options = types.HttpOptions(
+            timeout=int(timeout * 1000),  # milliseconds
+            # No base_url unless given: an explicit one would override GOOGLE_GEMINI_BASE_URL.
+            **({"base_url": base_url} if base_url else {}),
+            **({"api_version": api_version} if api_version else {}),
+        )
+        # vertexai=False: an API key means the Gemini Developer API, whatever the environment says.
+        self.client = genai.Client(api_key=key, vertexai=False, http_options=http_options,
+                                   **client_options)
+        self.base_url = base_url or os.environ.get("GOOGLE_GEMINI_BASE_URL") or None
+
+    @staticmethod
+    def _key_from_secrets() -> str:
+        for env in GEMINI_KEY_ENVS:
+            if has_secret(env):
+                return get_secret(env)
+        raise MissingSecretError(GEMINI_KEY_ENVS[0], purpose="the Gemini API (GOOGLE_API_KEY "
+                                 "works too)")
+
+    def __repr__(self) -> str:
+        where = f", base_url={safe_url(self.base_url)!r}" if self.base_url else ""
+        return f"GeminiChat(name={self.name!r}{where})"
+
+    def _request(self, messages: Sequence[Message], params: dict[str, Any]) -> dict[str, Any]:
+        from google.genai import types
+
+        gen = GenerationParams.from_kwargs(**params)
+        messages = validate_messages(messages)
+        system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+        contents = [
+            types.Content(role="model" if m["role"] == "assistant" else "user",
+                          parts=[types.Part(text=m["content"])])
+            for m in messages if m["role"] != "system"
+        ]
+        warn_dropped(self.name, gen, ("top_k",), self._warned)
+        config = types.GenerateContentConfig(
+            system_instruction=system or None,
+            max_output_tokens=gen.max_new_tokens,
+            temperature=gen.temperature,
+            top_p=gen.top_p if gen.top_p < 1 else None,
+            top_k=gen.top_k or None,
+            seed=gen.seed,
+            stop_sequences=list(gen.stop) or None,
+            thinking_config=(types.ThinkingConfig(thinking_budget=self.thinking_budget)
+                             if self.thinking_budget is not None else None),
+        )
+        return {"model": self.model, "contents": contents, "config": config}
+
+    def chat(self, messages: Sequence[Message], **params: Any) -> str:
+        """The whole answer from one ``generate_content`` call."""
+        request = self._request(messages, params)
+        try:
+            response = self._retrying(lambda: self.client.models.generate_content(**request))
+        except Exception as exc:
+            raise self._error(exc) from None
+        return response.text or ""
+
+    def stream(self, messages: Sequence[Message], **params: Any) -> Iterator[str]:
+        """Yield text pieces from ``generate_content_stream`` (SSE)."""
+        request = self._request(messages, params)
+
+        def open_stream() -> tuple[Any, Any]:
+            # The request is sent on the first next(): retry up to there, never mid-answer.
+            chunks = iter(self.client.models.generate_content_stream(**request))
+            return chunks, next(chunks, None)
+
+        try:
+            chunks, first = self._retrying(open_stream)
+            if first is None:
+                return
+            if first.text:
+                yield first.text
+            for chunk in chunks:
+                if chunk.text:
+                    yield chunk.text
+        except Exception as exc:
+            raise self._error(exc) from None
+
+    def _retrying(self, call: Callable[[], Any]) -> Any:
+        """``call()`` retried on 429/408/5xx and transport errors, waiting as the server asks."""
+        import tenacity
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.max_retries + 1),
+            retry=tenacity.retry_if_exception(_gemini_retryable),
+            wait=_WaitRetryAfter(tenacity.wait_exponential_jitter(initial=0.5, max=8.0)),
+            reraise=True,
+        )
+        return retrying(call)
+
+    def _error(self, exc: Exception) -> Exception:
+        from google.genai import errors
+
+        where = f"{self.name}" + (f" at {safe_url(self.base_url)}" if self.base_url else "")
+        if isinstance(exc, _transport_errors()):
+            if "timeout" in type(exc).__name__.lower():
+                return UnavailableError(f"{where}: no answer within {self.timeout:g} s (timeout)")
+            return UnavailableError(f"{where}: cannot connect ({type(exc).__name__}); is the "
+                                    f"base URL right?")
+        if not isinstance(exc, errors.APIError):
+            return exc
+        provider = redact(str(exc.message or exc.status or ""), *self._secrets)
+        # Google answers a bad key with 400 INVALID_ARGUMENT and reason API_KEY_INVALID.
+        bad_key = exc.code == 400 and "API_KEY_INVALID" in str(exc.details)
+        return status_error(exc.code, where, provider, _gemini_retry_after(exc),
+                             "GEMINI_API_KEY (or GOOGLE_API_KEY)", bad_key=bad_key)
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """httpx's (and httpx2's) timeout and connection errors, whichever google-genai uses."""
+    classes = []
+    for module in ("httpx", "httpx2"):
+        with contextlib.suppress(ImportError, AttributeError):
+            classes.append(importlib.import_module(module).TransportError)
+    return tuple(classes)
+
+
+def _gemini_retryable(exc: BaseException) -> bool:
+    from google.genai import errors
+
+    if isinstance(exc, errors.APIError):
+        return exc.code in (408, 429) or exc.code >= 500
+    return isinstance(exc, _transport_errors())
+
+
+def _gemini_retry_after(exc: BaseException) -> float | None:
+    """The server's requested delay: a Retry-After header, or Google's RetryInfo retryDelay."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    delay = retry_after_header(headers) if headers is not None else None
+    if delay is not None:
+        return delay
+    details = getattr(exc, "details", None)
+    error = details.get("error", details) if isinstance(details, dict) else {}
+    for item in error.get("details", []) if isinstance(error, dict) else []:
+        if isinstance(item, dict) and str(item.get("@type", "")).endswith("RetryInfo"):
+            match = re.fullmatch(r"([\d.]+)s", str(item.get("retryDelay", "")))
+            if match:
+                return float(match.group(1))
+    return None
+
+
+class _WaitRetryAfter:
+    """A tenacity wait: the server's delay when it gives one (up to a minute), else backoff.
+
+    Hand-written because tenacity has no wait that reads a delay off the exception.
+    """
+
+    def __init__(self, fallback: Callable[[Any], float]) -> None:
+        self.fallback = fallback
+
+    def __call__(self, retry_state: Any) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        delay = _gemini_retry_after(exc) if exc is not None else None
+        if delay is not None and 0 < delay <= MAX_RETRY_AFTER:
+            return delay
+        return self.fallback(retry_state)

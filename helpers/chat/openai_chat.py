@@ -1,0 +1,157 @@
+"""``OpenAIChat``: OpenAI and every OpenAI-compatible API, via the official ``openai`` SDK (>= 1.0).
+
+``openai.ChatCompletion`` was removed in 1.0. Presets (``helpers.chat.presets``) give base URL,
+default model and key variable for OpenAI, DeepSeek, Zhipu GLM, DashScope (Qwen), Moonshot, and
+local servers (vLLM, Ollama, our own ``dhllm serve``). Where it is pointed: ``base_url=``, else
+``DHLLM_<PRESET>_BASE_URL``, else the preset's (for ``openai``: ``OPENAI_BASE_URL``, read by the
+SDK itself). Retries: the SDK's own ``max_retries`` (429, 408, 5xx; honours ``Retry-After``).
+The SDK is imported only when a backend is built.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from helpers.chat.base import ChatModel, GenerationParams, Message, validate_messages
+from helpers.chat.cloud_common import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    retry_after_header,
+    safe_url,
+    status_error,
+    warn_dropped,
+)
+from helpers.chat.presets import Preset, get_preset
+from helpers.errors import UnavailableError
+from helpers.secrets import KEY_SOURCES, get_secret, has_secret, redact
+
+
+class OpenAIChat(ChatModel):
+    """A model behind any OpenAI-compatible chat completions API, via the official SDK.
+
+    Parameters map as max_new_tokens -> max_tokens, temperature, top_p (sent when < 1), seed,
+    stop. top_k and repetition_penalty are not in the OpenAI protocol: they go as extra body
+    fields to servers that take them (vLLM, DashScope, dhllm) and are dropped elsewhere
+    (logged once at INFO).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        name: str | None = None,
+        preset: str | Preset = "openai",
+        **client_options: Any,
+    ) -> None:
+        import openai  # lazily: importing helpers must not import the SDKs
+
+        self.preset = preset if isinstance(preset, Preset) else get_preset(preset)
+        self.model = model or self.preset.default_model
+        self.name = name or f"{self.preset.name}:{self.model}"
+        # Explicit > DHLLM_<PRESET>_BASE_URL > preset default (None: the SDK reads OPENAI_BASE_URL).
+        self.base_url = base_url or os.environ.get(self.preset.base_url_env) or self.preset.base_url
+        self.timeout = timeout
+        key = api_key or self._key_from_secrets()  # raises MissingSecretError before any request
+        self._secrets = (key,)
+        self._warned: set[str] = set()
+        self.client = openai.OpenAI(
+            api_key=key,
+            base_url=self.base_url,
+            timeout=timeout,
+            max_retries=max_retries,  # the SDK backs off exponentially and honours Retry-After
+            **client_options,
+        )
+        self.base_url = str(self.client.base_url)
+
+    @classmethod
+    def from_preset(cls, name: str, model: str | None = None, **kwargs: Any) -> OpenAIChat:
+        """A backend for preset ``name`` (openai, deepseek, zhipu, ...), its default model unless given."""
+        return cls(model, preset=name, **kwargs)
+
+    def _key_from_secrets(self) -> str:
+        env = self.preset.key_env
+        if env and (self.preset.key_required or has_secret(env)):
+            purpose = None if env in KEY_SOURCES else f"the {self.preset.name} API"
+            return get_secret(env, purpose=purpose)
+        return "not-needed"  # local servers without auth; the SDK insists on some key
+
+    def __repr__(self) -> str:
+        return f"OpenAIChat(name={self.name!r}, base_url={safe_url(self.base_url)!r})"
+
+    def _request(self, messages: Sequence[Message], params: dict[str, Any]) -> dict[str, Any]:
+        gen = GenerationParams.from_kwargs(**params)
+        request: dict[str, Any] = {
+            "model": self.model,
+            "messages": validate_messages(messages),
+            "max_tokens": gen.max_new_tokens,
+            "temperature": gen.temperature,
+        }
+        if gen.top_p < 1:
+            request["top_p"] = gen.top_p
+        if gen.seed is not None:
+            request["seed"] = gen.seed
+        if gen.stop:
+            request["stop"] = list(gen.stop)
+        dropped = warn_dropped(self.name, gen, self.preset.extra_params, self._warned)
+        extra = {
+            name: getattr(gen, name) for name in ("top_k", "repetition_penalty")
+            if name in self.preset.extra_params and name not in dropped
+            and getattr(gen, name) != getattr(GenerationParams(), name)
+        }
+        if extra:
+            request["extra_body"] = extra
+        return request
+
+    def chat(self, messages: Sequence[Message], **params: Any) -> str:
+        """The whole answer from one non-streaming request."""
+        request = self._request(messages, params)
+        try:
+            response = self.client.chat.completions.create(**request)
+        except Exception as exc:
+            raise self._error(exc) from None  # from None: the SDK's text may carry the key
+        if not response.choices:
+            return ""
+        return response.choices[0].message.content or ""
+
+    def stream(self, messages: Sequence[Message], **params: Any) -> Iterator[str]:
+        """Yield text pieces from a streaming (SSE) request."""
+        request = self._request(messages, params)
+        try:
+            chunks = self.client.chat.completions.create(stream=True, **request)
+        except Exception as exc:
+            raise self._error(exc) from None
+        with chunks:
+            try:
+                for chunk in chunks:
+                    for choice in chunk.choices:  # some servers send a last chunk with no choices
+                        if choice.delta and choice.delta.content:
+                            yield choice.delta.content
+            except Exception as exc:
+                raise self._error(exc) from None
+
+    def _error(self, exc: Exception) -> Exception:
+        """Our exception for an SDK exception, provider message kept, keys removed."""
+        import openai
+
+        where = f"{self.name} at {safe_url(self.base_url)}"
+        if isinstance(exc, openai.APITimeoutError):
+            return UnavailableError(f"{where}: no answer within {self.timeout:g} s (timeout)")
+        if isinstance(exc, openai.APIConnectionError):
+            return UnavailableError(f"{where}: cannot connect; is the server running and the "
+                                    f"base URL right?")
+        if not isinstance(exc, openai.APIError):
+            return exc  # a bug or a ValueError of ours: not the provider's fault
+        body = exc.body
+        text = body.get("message") if isinstance(body, dict) else None
+        provider = redact(str(text or exc.message), *self._secrets)
+        status = getattr(exc, "status_code", None)
+        retry_after = None
+        response = getattr(exc, "response", None)
+        if response is not None:
+            retry_after = retry_after_header(response.headers)
+        return status_error(status, where, provider, retry_after, self.preset.key_env)
