@@ -15,7 +15,7 @@ from typing import Any
 
 import requests
 
-DEFAULT_URL = "http://127.0.0.1:7871"
+DEFAULT_URL = "http://127.0.0.1:7871"  # the chapter's; a literal: the client imports nothing
 
 
 class ServerError(RuntimeError):

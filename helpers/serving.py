@@ -66,8 +66,8 @@ def ensure_port_free(host: str, port: int) -> None:
 
 def start_uvicorn(
     app: Any,
-    host: str = "127.0.0.1",
-    port: int = 7871,
+    host: str,
+    port: int,
     health_path: str = "/health",
     timeout: float = 30.0,
     log_level: str = "warning",

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from helpers.serving import PortInUseError, ServerHandle, start_uvicorn
+from helpers.config import get_settings
+from helpers.serving import PortInUseError, ServerHandle, ensure_port_free, start_uvicorn
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from helpers.chat import ChatModel
+    from helpers.chat.base import ChatModel
     from helpers.config import Settings
+    from helpers.server.engine import Engine
 
 __all__ = [
     "PortInUseError",
@@ -26,24 +28,25 @@ __all__ = [
 ]
 
 
-def create_app(chat_model: ChatModel, settings: Settings | None = None) -> FastAPI:
+def create_app(chat_model: ChatModel, settings: Settings | None = None,
+               engine: Engine | None = None) -> FastAPI:
     """A FastAPI app serving ``chat_model`` (see ``helpers.server.app``)."""
     from helpers.server.app import create_app as _create_app
 
-    return _create_app(chat_model, settings)
+    return _create_app(chat_model, settings, engine)
 
 
 def serve_in_background(
-    app_or_model: Any, host: str = "127.0.0.1", port: int = 7871, **settings: Any
+    app_or_model: Any, host: str = "127.0.0.1", port: int | None = None, **settings: Any
 ) -> ServerHandle:
     """Serve an app or a ChatModel from a daemon thread; return once ``/health`` answers.
 
     ``settings`` override ``helpers.config.Settings`` fields (``api_key``, ``max_batch_size``,
     ...) when a ChatModel is given. Raises PortInUseError at once when the port is taken.
     """
-    from helpers.chat import ChatModel
-    from helpers.config import get_settings
+    from helpers.chat.base import ChatModel
 
+    port = get_settings().port if port is None else port
     app = app_or_model
     if isinstance(app_or_model, ChatModel):
         app = create_app(app_or_model, get_settings(host=host, port=port, **settings))
@@ -55,7 +58,7 @@ def serve_in_background(
 def serve(
     model_spec: str = "embedded",
     host: str = "127.0.0.1",
-    port: int = 7871,
+    port: int | None = None,
     api_key: str | None = None,
     log_prompts: bool = False,
 ) -> None:
@@ -65,19 +68,19 @@ def serve(
     import uvicorn
 
     from helpers.chat import get_chat_model
-    from helpers.config import get_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("dhllm.server").setLevel(logging.INFO)
-    overrides: dict[str, Any] = {"host": host, "port": port, "log_prompts": log_prompts}
+    overrides: dict[str, Any] = {"host": host, "log_prompts": log_prompts}
+    if port is not None:
+        overrides["port"] = port
     if api_key:
         overrides["api_key"] = api_key
     settings = get_settings(**overrides)
-    from helpers.serving import ensure_port_free
-
-    ensure_port_free(host, port)  # fail before minutes of model loading, not after
+    ensure_port_free(host, settings.port)  # fail before minutes of model loading, not after
     chat_model = get_chat_model(model_spec)
     app = create_app(chat_model, settings)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    print(f"serving {model_spec} on http://{shown}:{port}  (docs: http://{shown}:{port}/docs)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    url = f"http://{shown}:{settings.port}"
+    print(f"serving {model_spec} on {url}  (docs: {url}/docs)")
+    uvicorn.run(app, host=host, port=settings.port, log_level="warning")

@@ -28,15 +28,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from helpers.chat import (
+from helpers.chat.base import (
     ChatModel,
     GenerationParams,
-    IncrementalDecoder,
     Message,
-    StopMatcher,
-    TransformersChat,
+    TokenBatchable,
     validate_messages,
 )
+from helpers.chat.decoding import IncrementalDecoder, StopMatcher
 
 
 class QueueFullError(RuntimeError):
@@ -202,9 +201,9 @@ def create_engine(
     chat_model: ChatModel, max_batch_size: int = 16, max_queue: int = 64, max_workers: int = 4
 ) -> Engine:
     """The batching engine for a local model that can batch, the threaded one otherwise."""
-    if isinstance(chat_model, TransformersChat) and chat_model.can_batch:
+    if isinstance(chat_model, TokenBatchable) and chat_model.can_batch:
         return BatchingEngine(chat_model, max_batch_size=max_batch_size, max_queue=max_queue)
-    if isinstance(chat_model, TransformersChat):
+    if isinstance(chat_model, TokenBatchable):
         max_workers = 1  # one local model, one generate at a time (it holds a lock anyway)
     return ThreadedEngine(chat_model, max_workers=max_workers, max_queue=max_queue)
 
@@ -326,7 +325,7 @@ class BatchingEngine(Engine):
     kind = "continuous-batching"
 
     def __init__(
-        self, chat_model: TransformersChat, max_batch_size: int = 16, max_queue: int = 64
+        self, chat_model: TokenBatchable, max_batch_size: int = 16, max_queue: int = 64
     ) -> None:
         if not chat_model.can_batch:
             raise ValueError("this model cannot batch (remote model.chat); use ThreadedEngine")
@@ -372,9 +371,8 @@ class BatchingEngine(Engine):
                prompt_text: str | None = None) -> Stream:
         if prompt_text is None:
             prompt_ids = self.chat_model.prompt_ids(messages)  # validates; ValueError if bad
-        else:  # as TransformersChat.prompt_ids: the Linly template wants BOS, chat templates not
-            add_special = self.chat_model.prompt_format == "linly"
-            prompt_ids = self.tokenizer(prompt_text, add_special_tokens=add_special)["input_ids"]
+        else:
+            prompt_ids = self.chat_model.raw_prompt_ids(prompt_text)
         if not prompt_ids:
             raise ValueError("messages: the prompt is empty after rendering")
         if self.max_positions and len(prompt_ids) + params.max_new_tokens > self.max_positions:

@@ -5,7 +5,7 @@
 - OpenAI's ``POST /v1/chat/completions`` and ``GET /v1/models``.
 
 Pydantic checks types and ranges, so every bad field comes back as a 4xx that names it. Limits
-that depend on settings (the token cap, the prompt size) are checked in ``app.py``.
+that depend on settings (the token cap, the prompt size) are checked in ``context.py``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ CHAPTER_TEMPERATURE = 0.84
 CHAPTER_TOP_K = 20
 CHAPTER_REPETITION_PENALTY = 1.15
 CHAPTER_TOP_P = 1.0
-# OpenAI-style requests that leave temperature out.
-OPENAI_TEMPERATURE = 0.7
 
 Probability = Annotated[float, Field(gt=0, le=1)]
 
@@ -146,10 +144,22 @@ class ChatCompletionRequest(BaseModel):
         return value
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (as OpenAI)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+    @classmethod
+    def of(cls, prompt: int, completion: int, cached: int = 0) -> Usage:
+        """Usage with the total filled in."""
+        return cls(prompt_tokens=prompt, completion_tokens=completion,
+                   total_tokens=prompt + completion,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 class ResponseMessage(BaseModel):

@@ -1,0 +1,1 @@
+"""The routes of both contracts: the chapter's ``POST /`` and OpenAI's ``/v1``."""

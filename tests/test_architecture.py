@@ -1,0 +1,90 @@
+"""The package's layers point one way: read every import (function-level ones too) with ``ast``."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "helpers"
+CONCRETE_BACKENDS = {"helpers.chat.local", "helpers.chat.openai_chat", "helpers.chat.gemini"}
+CONCRETE_NAMES = {"TransformersChat", "OpenAIChat", "GeminiChat"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> list[tuple[str, set[str]]]:
+    """``(module, names)`` for every ``import``/``from ... import`` of the package in ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(a.name, set()) for a in node.names if a.name.startswith("helpers")]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("helpers"):
+            names = {a.name for a in node.names}
+            # ``from helpers.server import protocol`` imports the submodule.
+            subs = {f"{node.module}.{n}" for n in names if (ROOT.parent / f"{node.module}.{n}"
+                    .replace(".", "/")).with_suffix(".py").exists()}
+            # An edge to the package only when something other than a submodule is imported.
+            own = [(node.module, names)] if len(subs) < len(names) else []
+            found += own + [(s, set()) for s in subs]
+    return found
+
+
+GRAPH = {module_name(p): imports_of(p) for p in sorted(ROOT.rglob("*.py"))}
+
+
+def edges(module: str) -> set[str]:
+    return {target for target, _ in GRAPH[module] if target in GRAPH and target != module}
+
+
+def test_the_walk_sees_the_package() -> None:
+    assert {"helpers.chat.base", "helpers.server.app", "helpers.hub.download"} <= set(GRAPH)
+    assert "helpers.chat.base" in edges("helpers.server.context")
+
+
+def test_no_import_circles() -> None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(edges(module)):
+            if state.get(target) == 1:
+                cycle = path[path.index(target):] + [module, target]
+                pytest.fail("import circle: " + " -> ".join(dict.fromkeys(cycle)) + f" -> {target}")
+            if target not in state:
+                visit(target, path + [module])
+        state[module] = 2
+
+    for module in sorted(GRAPH):
+        if module not in state:
+            visit(module, [])
+
+
+@pytest.mark.parametrize("layer", ["helpers.chat", "helpers.models", "helpers.hub",
+                                   "helpers.embedded", "helpers.errors", "helpers.secrets"])
+def test_lower_layers_know_nothing_of_the_server(layer: str) -> None:
+    for module, imports in GRAPH.items():
+        if module == layer or module.startswith(layer + "."):
+            bad = [t for t, _ in imports if t == "helpers.server" or t.startswith("helpers.server.")]
+            assert not bad, f"{module} imports {bad}"
+
+
+@pytest.mark.parametrize("module", ["helpers.config", "helpers.errors", "helpers.client",
+                                    "helpers.speech"])
+def test_leaf_modules_import_nothing_from_the_package(module: str) -> None:
+    if module not in GRAPH:
+        pytest.skip(f"{module} does not exist")
+    assert not GRAPH[module], f"{module} imports {[t for t, _ in GRAPH[module]]}"
+
+
+def test_the_server_sees_only_the_chat_model_interface() -> None:
+    for module, imports in GRAPH.items():
+        if not module.startswith("helpers.server"):
+            continue
+        for target, names in imports:
+            assert target not in CONCRETE_BACKENDS, f"{module} imports {target}"
+            assert not names & CONCRETE_NAMES, f"{module} imports {names & CONCRETE_NAMES}"
