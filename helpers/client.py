@@ -3,19 +3,67 @@
 - ``get_completion(prompt)``: the chapter's one-liner against ``POST /``;
 - ``LinlyClient``: ``.chat(prompt, history)`` on ``POST /``, ``.stream(messages)`` on
   ``/v1/chat/completions`` (Server-Sent Events), ``.health()``;
-- ``stream_sentences(chunks)``: regroup a text stream into whole sentences for text-to-speech.
+- ``stream_sentences(chunks)``: regroup a text stream into whole sentences for text-to-speech;
+- ``curl_command(prompt, url, shell)``: the chapter's ``curl`` for bash, Windows cmd.exe or
+  PowerShell, quoted so that the server receives exactly this JSON.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import requests
 
 DEFAULT_URL = "http://127.0.0.1:7871"  # the chapter's; a literal: the client imports nothing
+
+
+Shell = Literal["bash", "cmd", "powershell"]
+
+
+def _cmd_quote(text: str) -> str:
+    """One argument for a Windows program (``CommandLineToArgvW`` rules), in double quotes.
+
+    A quote becomes ``\\"``; backslashes are doubled only where a quote follows them. cmd.exe
+    itself sees the ``\\"`` as quote toggles, so its specials (``& | < > ^ %``) are refused.
+    """
+    if re.search(r'[&|<>^%\r\n]', text):
+        raise ValueError("cmd.exe would interpret & | < > ^ % or a line break in this text; "
+                         "use shell='powershell', or put the JSON in a file and pass -d @body.json")
+    quoted = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', text)
+    quoted = re.sub(r'(\\+)$', lambda m: m.group(1) * 2, quoted)
+    return f'"{quoted}"'
+
+
+def curl_command(prompt: str, url: str = DEFAULT_URL, shell: Shell = "bash",
+                 **params: Any) -> str:
+    """The chapter's ``curl -X POST`` for ``shell``, quoted so the server gets exactly this JSON.
+
+    - ``bash`` (Linux, macOS, Git Bash, WSL): the body in single quotes, as in the chapter;
+    - ``cmd`` (Windows cmd.exe, ``curl.exe`` ships with Windows 10+): double quotes with ``\\"``;
+    - ``powershell``: ``Invoke-RestMethod`` with the body sent as UTF-8 bytes (``curl`` is an
+      alias of ``Invoke-WebRequest`` in Windows PowerShell 5.1, and passing ``"`` inside an
+      argument to ``curl.exe`` breaks before PowerShell 7.3).
+    """
+    body = json.dumps({"prompt": prompt, **params}, ensure_ascii=False)
+    if shell == "bash":
+        # The chapter writes the address in double quotes; keep that where it is safe.
+        where = f'"{url}"' if re.fullmatch(r"[\w.:/?=&%+-]+", url) else shlex.quote(url)
+        return (f"curl -X POST {where} -H 'Content-Type: application/json' "
+                f"-d {shlex.quote(body)}")
+    if shell == "cmd":
+        return (f'curl -X POST {_cmd_quote(url)} -H "Content-Type: application/json" '
+                f"-d {_cmd_quote(body)}")
+    if shell == "powershell":
+        literal = "'" + body.replace("'", "''") + "'"  # single quotes: nothing is expanded
+        return (f"$body = {literal}\n"
+                f"Invoke-RestMethod -Uri '{url.replace(chr(39), chr(39) * 2)}' -Method Post "
+                f"-ContentType 'application/json; charset=utf-8' "
+                f"-Body ([System.Text.Encoding]::UTF8.GetBytes($body))")
+    raise ValueError(f"shell must be 'bash', 'cmd' or 'powershell', not {shell!r}")
 
 
 class ServerError(RuntimeError):

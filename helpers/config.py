@@ -16,6 +16,15 @@ REPO_URL = "https://github.com/dhllm/dhllm"
 
 DEFAULT_PORT = 7871  # the chapter's port
 DEFAULT_MIRROR_PORT = 8090
+# One JupyterLab runs the four notebooks 01 -> 04 side by side, each kernel keeping its servers:
+# the chapter's port stays notebook 02's, the later notebooks use their own.
+NOTEBOOK_PORTS = {
+    "02": DEFAULT_PORT,  # the chapter's server (and the chat box that stays on it)
+    "02-key": 7875,  # notebook 02's short demo of a server with an API key
+    "03": 7872,  # Qwen behind the same POST /
+    "04": 7873,  # a cloud model behind POST / (the gateway)
+    "04-vllm": 7874,  # dhllm in front of vLLM
+}
 # 256 new tokens: on a 2-core CPU that is ~10 s for the embedded model, while the chapter's
 # 2048 would take minutes per request. 0.7: the usual chat default (OpenAI's API uses 1.0).
 DEFAULT_MAX_NEW_TOKENS = 256

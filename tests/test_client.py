@@ -75,3 +75,96 @@ def test_stream_sentences_yields_before_the_stream_ends():
         raise AssertionError("read too far: the first sentence should be out already")
 
     assert next(stream_sentences(slow())) == "第一句。"
+
+
+# The chapter's curl for three shells: parse each string back the way that shell would (for
+# these simple commands) and check that the server would receive exactly the JSON we meant.
+
+def _bash_args(command: str) -> list[str]:
+    import shlex
+
+    return shlex.split(command)
+
+
+def _windows_args(command: str) -> list[str]:
+    """Split a command line as a Windows program does (CommandLineToArgvW / the MSVC runtime)."""
+    args, current, in_quotes, i, started = [], [], False, 0, False
+    while i < len(command):
+        ch = command[i]
+        if ch == "\\":
+            n = len(command) - i - len(command[i:].lstrip("\\"))
+            if i + n < len(command) and command[i + n] == '"':
+                current.append("\\" * (n // 2))
+                if n % 2:
+                    current.append('"')
+                    i += n + 1
+                else:
+                    i += n  # the quote toggles below
+                started = True
+                continue
+            current.append("\\" * n)
+            i += n
+            started = True
+            continue
+        if ch == '"':
+            in_quotes = not in_quotes
+            started = True
+        elif ch in " \t" and not in_quotes:
+            if started:
+                args.append("".join(current))
+                current, started = [], False
+        else:
+            current.append(ch)
+            started = True
+        i += 1
+    if started:
+        args.append("".join(current))
+    return args
+
+
+def _powershell_body(command: str) -> str:
+    import re
+
+    match = re.match(r"\$body = '((?:[^']|'')*)'\n", command)
+    assert match, command
+    return match.group(1).replace("''", "'")
+
+
+PROMPTS = ["如何应对压力", 'say "hi"', "it's fine", "a \\ backslash", 'end with \\"quote\\"', "tab\there"]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_curl_command_quotes_the_json_for_each_shell(prompt):
+    import json
+
+    from helpers.client import curl_command
+
+    url = "http://127.0.0.1:7871"
+    for shell, split in [("bash", _bash_args), ("cmd", _windows_args)]:
+        args = split(curl_command(prompt, url, shell=shell, max_length=32))
+        assert args[:3] == ["curl", "-X", "POST"] and args[3] == url, (shell, args)
+        assert args[4:6] == ["-H", "Content-Type: application/json"], (shell, args)
+        assert args[6] == "-d" and json.loads(args[7]) == {"prompt": prompt, "max_length": 32}
+    ps = curl_command(prompt, url, shell="powershell")
+    assert json.loads(_powershell_body(ps)) == {"prompt": prompt}
+    assert f"-Uri '{url}'" in ps and "UTF8.GetBytes($body)" in ps
+
+
+def test_curl_command_is_the_chapters_for_a_simple_prompt():
+    from helpers.client import curl_command
+
+    assert curl_command("如何应对压力") == (
+        'curl -X POST "http://127.0.0.1:7871" -H \'Content-Type: application/json\' '
+        "-d '{\"prompt\": \"如何应对压力\"}'")
+    assert curl_command("如何应对压力", shell="cmd") == (
+        'curl -X POST "http://127.0.0.1:7871" -H "Content-Type: application/json" '
+        '-d "{\\"prompt\\": \\"如何应对压力\\"}"')
+
+
+def test_curl_command_refuses_what_cmd_would_interpret():
+    from helpers.client import curl_command
+
+    with pytest.raises(ValueError, match="powershell"):
+        curl_command("A & B", shell="cmd")
+    with pytest.raises(ValueError, match="shell"):
+        curl_command("x", shell="fish")  # type: ignore[arg-type]
