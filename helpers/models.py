@@ -434,21 +434,21 @@ def _gpu_choice(preferred: str, gpu: Gpu, quantize: str | None, hub: _Hub) -> Mo
     spec = get_spec(preferred)
     names = [preferred, *(n for n in GPU_FALLBACKS if get_spec(n).params_b < spec.params_b)]
     ladder = _ladder(quantize)
+    skipped = ""  # why ``preferred`` was passed over, for the message
     for name in names:
-        for q in ladder:
-            if _need(name, q, gpu.dtype) > gpu.memory_gib:
-                continue
-            where = _where(name, hub)
-            if where is None:
-                break  # not on disk, no hub: a smaller model may be on disk
-            lead = f"GPU {gpu.describe()}："
-            if q is not None and quantize is None:
-                need = _need(name, None, gpu.dtype)
-                lead += f"{name} 的 {gpu.dtype} 约需 {need:.1f} GiB，放不下；"
-            elif name != preferred:
-                need = _need(preferred, ladder[-1], gpu.dtype)
-                lead += f"{preferred} 最少也要约 {need:.1f} GiB，放不下；"
-            return _choice(name, "cuda", gpu.dtype, q, where, lead)
+        fitting = [q for q in ladder if _need(name, q, gpu.dtype) <= gpu.memory_gib]
+        where = _where(name, hub) if fitting else None
+        if where is None:
+            if name == preferred:
+                least = _need(name, ladder[-1], gpu.dtype)
+                skipped = (f"{name} 不在本机，也连不上模型库；" if fitting
+                           else f"{name} 最少也要约 {least:.1f} GiB，放不下；")
+            continue
+        q = fitting[0]
+        lead = f"GPU {gpu.describe()}：{skipped}"
+        if q is not None and quantize is None:
+            lead += f"{name} 的 {gpu.dtype} 约需 {_need(name, None, gpu.dtype):.1f} GiB，放不下；"
+        return _choice(name, "cuda", gpu.dtype, q, where, lead)
     return None
 
 
@@ -465,7 +465,8 @@ def _cpu_choice(preferred: str, fallback: str, why: str, hub: _Hub) -> ModelChoi
     need = estimate_gib(fb.params_b, fb.kv_kib_per_token, "float32")
     message = (
         f"{why}，也没有连上模型库（离线）：使用内置的替身模型 {fallback}（{fb.hf_id}），它只会英文，"
-        f"中文回答没有意义，不是 {preferred}。联网后重新运行本单元会改用 {CPU_MODEL}（会说中文）。"
+        f"中文回答没有意义，不是 {preferred}。联网（或把模型下载到 models/）后重新运行本单元，会换成"
+        f"会说中文的模型。"
         f"{OVERRIDE_HINT}"
     )
     return ModelChoice(fallback, "cpu", "float32", None, round(need, 2), message=message)
@@ -506,7 +507,9 @@ def plan_model(preferred: str, fallback: str = "embedded", online: bool | None =
         found = _gpu_choice(preferred, gpu, quantize, hub)
         if found is not None:
             return found
-        why = f"GPU {gpu.describe()} 装不下 {preferred}，或它不在本机也下载不了"
+        offline = hub.probed and hub.found is None
+        why = (f"有 GPU {gpu.describe()}，但 {preferred} 不在本机" if offline
+               else f"GPU {gpu.describe()}太小，哪个模型都装不下")
     else:
         why = "没有 CUDA GPU"
     if quantize in ("4bit", "8bit"):
@@ -589,7 +592,7 @@ def load_model(
 
 
 def describe_environment(preferred: str = "linly-7b", online: bool | None = None) -> str:
-    """Two lines for the setup cell: versions and device, then the model the notebooks will use."""
+    """Two lines for the setup cell: versions and device, then what ``choose_model`` will pick."""
     import platform
 
     import torch
@@ -601,5 +604,5 @@ def describe_environment(preferred: str = "linly-7b", online: bool | None = None
     return (
         f"Python {platform.python_version()} | torch {torch.__version__} | "
         f"transformers {transformers.__version__} | {device}\n"
-        f"model for the notebooks: {choice.summary()} (choose_model says why)"
+        f"choose_model({preferred!r}) -> {choice.summary()}"
     )

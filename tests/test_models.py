@@ -221,10 +221,22 @@ def test_a_downloaded_folder_is_preferred_and_a_broken_one_skipped(no_gpu, tiny_
     assert choose_model("linly-7b", online=False, verbose=False).name == "embedded"
 
 
+def test_a_gpu_loads_linly_from_models_folder_offline_and_says_so_when_it_is_missing(
+        isolated, tiny_llama_dir, capsys):
+    fake_gpu(isolated, *GPUS["T4"])
+    choice = choose_model("linly-7b", online=False, verbose=False)
+    assert choice.name == "embedded" and "有 GPU Tesla T4" in choice.message
+    folder = Path("models/Chinese-LLaMA-2-7B-hf")  # where notebook 01's command downloads it
+    shutil.copytree(tiny_llama_dir, folder)
+    choice = choose_model("linly-7b", online=False)
+    assert (choice.name, choice.dtype, choice.path) == ("linly-7b", "float16", str(folder))
+    assert f"从本地文件夹 {folder} 加载" in capsys.readouterr().out
+
+
 def test_describe_environment_names_the_model_without_printing(isolated, capsys):
     fake_gpu(isolated, *GPUS["T4"])
     text = describe_environment(online=True)
-    assert "Tesla T4" in text and "linly-7b, float16, ~14.3 GiB GPU" in text
+    assert "Tesla T4" in text and "choose_model('linly-7b') -> linly-7b, float16, ~14.3 GiB GPU" in text
     assert len(text.splitlines()) == 2 and capsys.readouterr().out == ""
 
 
