@@ -1,6 +1,7 @@
-"""Issue 7: the learner's view. JupyterLab in headless Chromium runs notebook 02, then the chat box
-is used like a person would: type, click send, watch the answer stream, follow up, clear. Notebook 01
-runs too: its downloads must draw a progress bar widget.
+"""The learner's view. One JupyterLab in headless Chromium runs the four notebooks in order, 01 -> 04,
+each kernel left running (as a learner leaves them), failing on any error output. Notebook 02's chat
+box is used like a person would: type, click send, watch the answer stream, follow up, clear.
+Notebook 01's downloads must draw a progress bar widget.
 
 Skipped (with the reason in pytest's summary) when /usr/bin/chromium is missing; .ci/run installs
 it, so CI always runs this. Screenshots go to $DHLLM_SCREENSHOT_DIR when set (``make images``
@@ -12,10 +13,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -34,7 +32,7 @@ from tests.e2e_lab import (
 )
 from tests.notebook_env import notebook_services
 
-RUN_ALL_TIMEOUT_S = 420  # notebook 02 loads and serves the embedded model on CPU
+RUN_ALL_TIMEOUT_S = 540  # per notebook; 02 loads, serves and measures the embedded model on CPU
 ANSWER_TIMEOUT_S = 120
 
 pytestmark = [
@@ -54,29 +52,51 @@ def shots(tmp_path: Path) -> Path:
     return target
 
 
-@contextmanager
-def notebook_in_lab(tmp_path: Path, notebook: str) -> Iterator[tuple[JupyterLab, Any]]:
-    """JupyterLab on a stripped copy of the notebooks, ``notebook`` open, run all, no errors."""
-    if not (REPO / notebook).exists():
-        pytest.fail(f"{notebook} is missing")
+NOTEBOOKS = ["01_download.ipynb", "02_linly_api.ipynb", "03_qwen.ipynb", "04_cloud_llms.ipynb"]
+
+
+def run_notebook(page, lab: JupyterLab, root: Path, notebook: str) -> None:  # noqa: ANN001
+    """Open ``notebook`` in ``page``, Run All, and fail on any error output or unexecuted cell."""
+    lab.reset(notebook)
+    page.goto(lab.lab_url(notebook))
+    wait_kernel_idle(page, 90)
+    run_all_and_wait(page, RUN_ALL_TIMEOUT_S)
+    errors = error_outputs(page)
+    assert not errors, f"{notebook}: cells show errors:\n\n" + "\n\n".join(errors)
+    assert unexecuted_code_cells(page) == 0, f"{notebook}: Run All left cells unexecuted"
+    page.keyboard.press("Control+s")  # the saved file must agree: no error outputs
+    page.wait_for_timeout(1000)
+    assert saved_errors(root / notebook) == [], notebook
+    page.keyboard.press("Control+b")  # hide the file browser for the pictures
+
+
+def test_the_four_notebooks_in_one_jupyterlab(tmp_path: Path, shots: Path) -> None:
+    """01 -> 02 -> 03 -> 04 in one JupyterLab, like a learner: no kernel is restarted or shut down
+    (02's server stays up for its chat box), and every cell of every notebook succeeds."""
+    for name in NOTEBOOKS:
+        if not (REPO / "notebooks" / name).exists():
+            pytest.fail(f"notebooks/{name} is missing")
     root = copy_tree_for_lab(tmp_path / "root")
     state = tmp_path / "state"
     state.mkdir()
     with notebook_services() as env, JupyterLab(root, state, free_port(), env=env) as lab, \
-                chromium_page(tmp_path / "chromium-profile") as page:
+            chromium_page(tmp_path / "chromium-profile") as first_page:
+        page = first_page
         try:
-            lab.reset(notebook)
-            page.goto(lab.lab_url(notebook))
-            wait_kernel_idle(page, 90)
-            run_all_and_wait(page, RUN_ALL_TIMEOUT_S)
-            errors = error_outputs(page)
-            assert not errors, "cells show errors:\n\n" + "\n\n".join(errors)
-            assert unexecuted_code_cells(page) == 0, "Run All left cells unexecuted"
-            page.keyboard.press("Control+s")  # the saved file must agree: no error outputs
-            page.wait_for_timeout(1000)
-            assert saved_errors(root / notebook) == []
-            page.keyboard.press("Control+b")  # hide the file browser for the pictures
-            yield lab, page
+            for name in NOTEBOOKS:
+                notebook = f"notebooks/{name}"
+                if name != NOTEBOOKS[0]:
+                    # A fresh tab per notebook; the last one closes without its unload prompt.
+                    # Its kernel keeps running on the server, as it would for a learner.
+                    previous, page = page, page.context.new_page()
+                    previous.close(run_before_unload=False)
+                run_notebook(page, lab, root, notebook)
+                if name == "01_download.ipynb":
+                    check_download_progress_bar(page, shots)
+                elif name == "02_linly_api.ipynb":
+                    check_chat_box(page, shots)
+            kernels = [s["path"] for s in lab.api("GET", "sessions").json()]
+            assert sorted(kernels) == [f"notebooks/{n}" for n in NOTEBOOKS], kernels
         except BaseException:
             # What the browser showed when it failed, for the person reading the CI log.
             page.screenshot(path=str(tmp_path / "failure.png"))
@@ -84,41 +104,40 @@ def notebook_in_lab(tmp_path: Path, notebook: str) -> Iterator[tuple[JupyterLab,
             raise
 
 
-def test_notebook_02_runs_in_jupyterlab_and_chat_box_works(tmp_path: Path, shots: Path) -> None:
-    with notebook_in_lab(tmp_path, "notebooks/02_linly_api.ipynb") as (_lab, page):
-        chat = page.locator(".dhllm-chat").last
-        center(chat)
+def check_chat_box(page, shots: Path) -> None:  # noqa: ANN001
+    """Notebook 02's chat box, used like a person would: type, send, watch it stream, follow up."""
+    chat = page.locator(".dhllm-chat").last
+    center(chat)
 
-        first = ask_like_a_person(page, chat, "What is the capital of France?", press_enter=False)
-        assert len(first) >= 2, f"the answer did not grow piece by piece: {first}"
-        center(chat)
-        page.screenshot(path=str(shots / "jupyterlab_notebook02.png"))
-        # The follow-up goes out with Enter; the widget keeps and shows both turns.
-        ask_like_a_person(page, chat, "And what is the capital of Germany?", press_enter=True)
-        assert chat.locator(".dhllm-msg-user").count() == 2
-        assert chat.locator(".dhllm-msg-assistant").count() == 2
-        assert "2 轮对话" in chat.locator(".dhllm-chat-status").inner_text()
-        shoot(page, chat, shots / "chat_widget.png")
-        # A longer answer, photographed while it is still streaming in.
-        ask_like_a_person(page, chat, "Tell me a short story about a robot.", press_enter=True,
-                          streaming_shot=shots / "chat_widget_streaming.png")
+    first = ask_like_a_person(page, chat, "What is the capital of France?", press_enter=False)
+    assert len(first) >= 2, f"the answer did not grow piece by piece: {first}"
+    center(chat)
+    page.screenshot(path=str(shots / "jupyterlab_notebook02.png"))
+    # The follow-up goes out with Enter; the widget keeps and shows both turns.
+    ask_like_a_person(page, chat, "And what is the capital of Germany?", press_enter=True)
+    assert chat.locator(".dhllm-msg-user").count() == 2
+    assert chat.locator(".dhllm-msg-assistant").count() == 2
+    assert "2 轮对话" in chat.locator(".dhllm-chat-status").inner_text()
+    shoot(page, chat, shots / "chat_widget.png")
+    # A longer answer, photographed while it is still streaming in.
+    ask_like_a_person(page, chat, "Tell me a short story about a robot.", press_enter=True,
+                      streaming_shot=shots / "chat_widget_streaming.png")
 
-        chat.get_by_role("button", name="清空").click()
-        page.wait_for_function(
-            "el => el.querySelectorAll('.dhllm-msg').length === 0",
-            arg=chat.element_handle(), timeout=10_000)
-        assert "还没有对话" in chat.locator(".dhllm-chat-log").inner_text()
-        assert "0 轮对话" in chat.locator(".dhllm-chat-status").inner_text()
+    chat.get_by_role("button", name="清空").click()
+    page.wait_for_function(
+        "el => el.querySelectorAll('.dhllm-msg').length === 0",
+        arg=chat.element_handle(), timeout=10_000)
+    assert "还没有对话" in chat.locator(".dhllm-chat-log").inner_text()
+    assert "0 轮对话" in chat.locator(".dhllm-chat-status").inner_text()
 
 
-def test_notebook_01_downloads_show_a_progress_bar_widget(tmp_path: Path, shots: Path) -> None:
-    with notebook_in_lab(tmp_path, "notebooks/01_download.ipynb") as (_lab, page):
-        # tqdm.auto draws an ipywidgets bar in Jupyter (text bars would be in a stderr output).
-        bars = page.locator(".jp-CodeCell", has=page.locator(".widget-hprogress"))
-        cell = bars.filter(has_text="linly_dir = download(")
-        assert cell.count() == 1, "no progress bar widget under the Linly download in notebook 01"
-        center(cell, "start")
-        shoot(page, cell, shots / "download_progress.png")
+def check_download_progress_bar(page, shots: Path) -> None:  # noqa: ANN001
+    """Notebook 01's downloads draw a progress bar widget (tqdm.auto in Jupyter)."""
+    bars = page.locator(".jp-CodeCell", has=page.locator(".widget-hprogress"))
+    cell = bars.filter(has_text="linly_dir = download(")
+    assert cell.count() == 1, "no progress bar widget under the Linly download in notebook 01"
+    center(cell, "start")
+    shoot(page, cell, shots / "download_progress.png")
 
 
 def center(element, block: str = "center") -> None:  # noqa: ANN001

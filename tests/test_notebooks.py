@@ -64,3 +64,37 @@ def test_setup_cell_is_identical_and_uses_the_one_repository_address():
 def test_notebooks_link_to_the_next():
     for path, following in zip(NOTEBOOKS, NAMES[1:] + NAMES[:1], strict=True):
         assert f"]({following})" in source(load(path)[-1])
+
+
+def code_sources(path: Path) -> list[str]:
+    return [source(c) for c in load(path) if c["cell_type"] == "code"]
+
+
+def test_notebook_02_writes_the_chapters_server():
+    """The chapter's server is the lesson: notebook 02 writes it out, it does not only import it."""
+    cells = code_sources(ROOT / "notebooks" / "02_linly_api.ipynb")
+    server = [c for c in cells if re.search(r'^@app\.post\("/"\)', c, re.M)]
+    assert server, 'notebook 02 has no code cell defining @app.post("/")'
+    for piece in ["app = FastAPI()", "await request.json()", "### Instruction:", "model.generate(",
+                  "top_k=20", "repetition_penalty=1.15", "batch_decode", 'split("### Response:")']:
+        assert piece in server[0], piece
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_exercises_with_folded_solutions(path: Path):
+    markdown = "\n".join(source(c) for c in load(path) if c["cell_type"] == "markdown")
+    assert "## 练习" in markdown
+    assert markdown.count("<summary>参考答案</summary>") >= 2
+
+
+def test_later_notebooks_keep_off_the_chapters_port():
+    """Run 01 -> 04 in one JupyterLab: only notebook 02 serves on 7871; the others use their own."""
+    from helpers.config import DEFAULT_PORT, NOTEBOOK_PORTS
+
+    assert NOTEBOOK_PORTS["02"] == DEFAULT_PORT
+    assert len(set(NOTEBOOK_PORTS.values())) == len(NOTEBOOK_PORTS)
+    for name in ["03_qwen.ipynb", "04_cloud_llms.ipynb"]:
+        for cell in code_sources(ROOT / "notebooks" / name):
+            assert str(DEFAULT_PORT) not in cell, f"{name} uses port {DEFAULT_PORT}:\n{cell}"
+            for call in re.findall(r"serve_in_background\([^)]*\)", cell):
+                assert "NOTEBOOK_PORTS[" in call, f"{name}: {call}"
