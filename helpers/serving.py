@@ -48,6 +48,13 @@ class ServerHandle:
         return f"ServerHandle(url={self.url!r}, {state})"
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now (for tests and benchmarks)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def ensure_port_free(host: str, port: int) -> None:
     """Raise PortInUseError at once if ``host:port`` cannot be bound."""
     with socket.socket() as sock:

@@ -12,7 +12,6 @@ from helpers.chat import (
     AuthenticationError,
     BadRequestError,
     GeminiChat,
-    RateLimitError,
     UnavailableError,
     get_chat_model,
 )

@@ -13,7 +13,6 @@ from helpers.chat import (
     AuthenticationError,
     BadRequestError,
     OpenAIChat,
-    RateLimitError,
     UnavailableError,
     get_chat_model,
 )

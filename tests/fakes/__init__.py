@@ -8,13 +8,12 @@ provider's REST format, so the real SDKs can be tested (and notebook 04 run) wit
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from helpers.serving import ServerHandle, start_uvicorn
+from helpers.serving import ServerHandle, free_port, start_uvicorn
 
 
 @dataclass
@@ -100,13 +99,6 @@ class FakeServer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r})"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve(app: Any, state: FakeState, port: int | None, base_path: str) -> FakeServer:
