@@ -117,7 +117,7 @@ def provider_env(openai: FakeServer | None = None, gemini: FakeServer | None = N
     """Environment variables that point every cloud backend at the fakes, with dummy keys.
 
     For a notebook-test harness: set these in the kernel's environment before it starts, and
-    ``get_chat_model("zhipu:glm-4-flash")``, ``"gemini:gemini-2.5-flash"``, ... reach the fakes.
+    ``get_chat_model("zhipu:glm-4-flash")``, ``"gemini:gemini-3.5-flash"``, ... reach the fakes.
     """
     from helpers.chat.presets import GEMINI_KEY_ENVS, PRESETS
 
