@@ -294,6 +294,10 @@ class VLLMProcess:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
             # It pins OpenMP threads to these CPUs; "all" is rejected, a range works.
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_range())
+            # vllm-cpu 0.32's AOT compile cache never loads ("'function' object has no attribute
+            # 'finalize_loading'"), so every start recompiled (~40 s of engine init); the older
+            # cache path works: a second start's engine init took 12 s instead.
+            env.setdefault("VLLM_USE_AOT_COMPILE", "0")
         env["PYTHONUNBUFFERED"] = "1"  # log lines reach the file (and progress) as they happen
         env.update(self.env_overrides)
         return env
