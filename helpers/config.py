@@ -6,6 +6,7 @@ Depends on nothing else in the package, so any module (and any test) can import 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,6 +32,11 @@ class Settings(BaseSettings):
         default=Path("~/.cache/dhllm"), description="converted embedded model, downloads"
     )
     model: str = Field(default="embedded", description="model name, path or backend spec")
+    # Unset: choose_model decides from the GPU's memory. "none": full precision (bf16/fp16).
+    quantize: Literal["4bit", "8bit", "none"] | None = Field(
+        default=None, description="4bit, 8bit or none; unset: choose_model decides"
+    )
+    offline: bool = Field(default=False, description="never probe or download from a hub")
     host: str = "127.0.0.1"  # never 0.0.0.0 unless asked for
     port: int = DEFAULT_PORT
     api_key: SecretStr | None = None

@@ -40,11 +40,18 @@ class TransformersChat(ChatModel):
 
     @classmethod
     def load(
-        cls, name_or_path: str, device: str = "auto", dtype: str = "auto", verbose: bool = True
+        cls,
+        name_or_path: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        verbose: bool = True,
+        quantize: str | None = None,
+        endpoint: str | None = None,
     ) -> TransformersChat:
-        """Load a registry name, hub id or folder, with the registry's prompt format."""
+        """Load a registry name, ``choose_model``'s choice, hub id or folder (see ``load_model``)."""
         spec, _ = resolve(name_or_path)
-        model, tokenizer = load_model(name_or_path, device=device, dtype=dtype, verbose=verbose)
+        model, tokenizer = load_model(name_or_path, device=device, dtype=dtype, verbose=verbose,
+                                      quantize=quantize, endpoint=endpoint)
         if spec is not None:
             prompt_format = spec.prompt_format
         else:
