@@ -98,11 +98,16 @@ def test_a_disconnect_stops_the_generation_upstream(
     assert engine.stats.cancelled >= 1
 
 
-def test_api_key_and_503_when_vllm_is_down(vllm_app: tuple[ServerHandle, VLLMEngine]) -> None:
+def test_a_second_gateway_with_a_key_and_503_when_vllm_is_down(
+        vllm_app: tuple[ServerHandle, VLLMEngine]) -> None:
+    from helpers.server.vllm_launch import start_vllm_engine
+
     server, engine = vllm_app
-    settings = get_settings(api_key=KEY)
-    guarded = VLLMEngine(engine.chat_model, engine.base_url, engine.served_name)
-    with serve_in_background(create_app(engine.chat_model, settings, engine=guarded),
+    # Another stateless gateway in front of the same vLLM (DHLLM_VLLM_URL): nothing started.
+    settings = get_settings(api_key=KEY, vllm_url=engine.process.url)
+    chat_model, guarded = start_vllm_engine("embedded", settings)
+    assert guarded.process is None
+    with serve_in_background(create_app(chat_model, settings, engine=guarded),
                              port=free_port()) as handle:
         assert requests.post(handle.url, json={"prompt": "hi"}, timeout=30).status_code == 401
         ok = requests.post(handle.url, json={"prompt": "hi", "max_length": 4},

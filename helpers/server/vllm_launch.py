@@ -14,7 +14,8 @@ from typing import Any
 
 from helpers.chat import get_chat_model
 from helpers.config import Settings
-from helpers.models import choose_placement, resolve
+from helpers.hardware import detect_gpu, estimate_gib
+from helpers.models import ModelSpec, choose_placement, model_folder, resolve
 from helpers.server.vllm_engine import VLLMEngine
 from helpers.server.vllm_process import VLLMError, VLLMProcess, find_vllm_python, gpu_command
 from helpers.serving import free_port
@@ -27,10 +28,19 @@ INSTALL_HINT = (
 )
 
 
-def vllm_dtype(device: str = "auto") -> str:
-    """The dtype ``load_model`` would pick, in vLLM's spelling (fp32 on CPU)."""
-    placement = choose_placement(device)
-    return str(placement.dtype).removeprefix("torch.")
+def vllm_precision(spec: ModelSpec | None) -> tuple[str, str | None]:
+    """``(dtype, quantization)`` as ``load_model`` would choose: fp32 on CPU; bf16 (fp16 before
+    Ampere) on CUDA, and bitsandbytes 4-bit when 16-bit does not fit but 4-bit does."""
+    gpu = detect_gpu()
+    if gpu is None:
+        return "float32", None
+    dtype = str(choose_placement("cuda").dtype).removeprefix("torch.")
+    if spec is None:
+        return dtype, None
+    need = {p: estimate_gib(spec.params_b, spec.kv_kib_per_token, p) for p in (dtype, "4bit")}
+    if need[dtype] > gpu.memory_gib and need["4bit"] <= gpu.memory_gib:
+        return dtype, "bitsandbytes"
+    return dtype, None
 
 
 def start_vllm_engine(model_spec: str, settings: Settings, *,
@@ -38,29 +48,43 @@ def start_vllm_engine(model_spec: str, settings: Settings, *,
     """Start vLLM on ``model_spec``; return ``(chat_model, engine)`` for ``create_app``.
 
     ``chat_model`` is an OpenAI-compatible client of that vLLM (usable on its own, too); the
-    engine owns the process and stops it when the app stops.
+    engine owns the process and stops it when the app stops. With ``settings.vllm_url``
+    (``DHLLM_VLLM_URL``) nothing is started: the engine relays to that server (served under
+    the model's registry name, e.g. ``--served-model-name linly-7b``).
     """
+    spec, _ = resolve(model_spec)
+    served = spec.name if spec is not None else model_spec.rstrip("/").split("/")[-1]
+    if settings.vllm_url:  # a vLLM (or a router) that runs elsewhere: relay only
+        return _engine_for(model_spec, spec, served, settings.vllm_url.rstrip("/") + "/v1",
+                           settings, process=None)
     python = find_vllm_python(settings.vllm_python)
     if python is None:
         raise VLLMError(INSTALL_HINT)
-    spec, source = resolve(model_spec)
-    served = spec.name if spec is not None else model_spec.rstrip("/").split("/")[-1]
-    dtype = vllm_dtype()
-    if dtype != "float32" and spec is not None:
-        print(f"on CUDA vLLM's GPU build is used, e.g.:\n{gpu_command(source, served)}",
+    source = model_folder(model_spec)  # vLLM loads a folder (registry names download first)
+    dtype, quantization = vllm_precision(spec)
+    extra = shlex.split(settings.vllm_args)
+    if quantization:
+        extra += ["--quantization", quantization]
+    if dtype != "float32":  # CUDA: the GPU build of vLLM; say how a learner gets it
+        print("vLLM on CUDA, as a learner would set it up:\n"
+              + gpu_command(source, served, dtype=dtype, quantization=quantization),
               file=sys.stderr)
     env = {"VLLM_CPU_KVCACHE_SPACE": str(settings.vllm_kvcache_gb)}
-    process = VLLMProcess(source, served, free_port(), python, dtype=dtype,
-                          extra_args=shlex.split(settings.vllm_args), env=env)
+    process = VLLMProcess(source, served, free_port(), python, dtype=dtype, extra_args=extra,
+                          env=env)
     process.start(timeout=settings.vllm_start_timeout, progress=progress)
     try:
-        chat_model = get_chat_model(f"vllm:{served}", base_url=process.base_url,
-                                    name=model_spec)
-        chat_model.prompt_format = spec.prompt_format if spec is not None else None
-        engine = VLLMEngine(chat_model, process.base_url, served,
-                            prompt_format=chat_model.prompt_format,
-                            max_queue=settings.max_queue, process=process)
+        return _engine_for(model_spec, spec, served, process.base_url, settings, process)
     except BaseException:
         process.stop()
         raise
+
+
+def _engine_for(model_spec: str, spec: ModelSpec | None, served: str, base_url: str,
+                settings: Settings, process: VLLMProcess | None) -> tuple[Any, VLLMEngine]:
+    """The ChatModel (an OpenAI-compatible client of vLLM) and the relay engine."""
+    chat_model = get_chat_model(f"vllm:{served}", base_url=base_url, name=model_spec)
+    chat_model.prompt_format = spec.prompt_format if spec is not None else None
+    engine = VLLMEngine(chat_model, base_url, served, prompt_format=chat_model.prompt_format,
+                        max_queue=settings.max_queue, process=process)
     return chat_model, engine
