@@ -62,7 +62,8 @@ def start_vllm_engine(model_spec: str, settings: Settings, *,
         raise VLLMError(INSTALL_HINT)
     source = model_folder(model_spec)  # vLLM loads a folder (registry names download first)
     dtype, quantization = vllm_precision(spec)
-    extra = shlex.split(settings.vllm_args)
+    # usage.prompt_tokens_details.cached_tokens, as our own engine reports it (off by default).
+    extra = ["--enable-prompt-tokens-details", *shlex.split(settings.vllm_args)]
     if quantization:
         extra += ["--quantization", quantization]
     if dtype != "float32":  # CUDA: the GPU build of vLLM; say how a learner gets it
