@@ -46,7 +46,7 @@ $(STAMP): pyproject.toml
 lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ip=127.0.0.1
 
-serve: setup
+serve: setup $(if $(filter vllm,$(ENGINE)),vllm)
 	$(VENV)/bin/dhllm serve --model $(MODEL) --port $(PORT) --engine $(or $(ENGINE),builtin)
 
 chat: setup
