@@ -77,6 +77,7 @@ def remote_manifest(
     base = endpoint_for(source, endpoint)
     hub_id = repo_id
     if source == "modelscope":
+        # modelscope_hub directly (declared in pyproject): only its listing carries sha256.
         from modelscope_hub.api import HubApi as MsApi
 
         files = MsApi(endpoint=base).list_repo_files(hub_id, "model", revision=revision)
