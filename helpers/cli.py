@@ -162,6 +162,8 @@ def serve(
     api_key: Annotated[str | None, typer.Option(
         help="require 'Authorization: Bearer KEY' (default: DHLLM_API_KEY)")] = None,
     log_prompts: Annotated[bool, typer.Option(help="write prompts into the request log")] = False,
+    engine: Annotated[str, typer.Option(
+        help="builtin (continuous batching here) or vllm (vLLM in its own venv)")] = "builtin",
 ) -> None:
     """Serve a model: the chapter's POST / and an OpenAI-compatible /v1 (docs at /docs)."""
     from helpers.server import PortInUseError
@@ -175,7 +177,8 @@ def serve(
     if warning:
         typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
     try:
-        run_server(model or settings.model, host, port, key, log_prompts or settings.log_prompts)
+        run_server(model or settings.model, host, port, key, log_prompts or settings.log_prompts,
+                   engine=engine)
     except (PortInUseError, ValueError, KeyError, RuntimeError) as exc:
         _fail(str(exc))
 

@@ -63,6 +63,14 @@ class Settings(BaseSettings):
 
     mirror_port: int = DEFAULT_MIRROR_PORT
 
+    # vLLM (``dhllm serve --engine vllm``): its own venv's python (else .venv-vllm, else `vllm`
+    # on PATH), extra command-line arguments, and its CPU KV cache in GiB (CPU builds only).
+    vllm_python: str | None = None
+    vllm_url: str | None = None  # an already running vLLM (or a router in front of replicas)
+    vllm_args: str = ""
+    vllm_kvcache_gb: int = 2
+    vllm_start_timeout: float = 600.0
+
     def resolved_cache_dir(self) -> Path:
         """The cache directory with ``~`` expanded."""
         return self.cache_dir.expanduser()

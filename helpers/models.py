@@ -423,8 +423,9 @@ def _choice(name: str, device: str, dtype: str, quantize: str | None, where: Whe
 def _ladder(quantize: str | None) -> list[str | None]:
     """Precisions to try, best first: 16-bit, then 4-bit; only the asked one when set."""
     if quantize is None:
-        # 4-bit rather than 8-bit: bitsandbytes' LLM.int8() decodes slower than NF4, and 4-bit
-        # leaves room for context (a 12 GiB card keeps ~6 GiB free, ~12k tokens of KV cache).
+        # 4-bit rather than 8-bit: LLM.int8() is much slower than 16-bit, while bitsandbytes has
+        # batch-1 NF4 kernels (0.40 release notes); and 4-bit leaves room for context (a 12 GiB
+        # card keeps ~6 GiB free: ~12k tokens of Linly's KV cache, or several chats served at once).
         return [None, "4bit"]
     return [None if quantize == "none" else quantize]
 

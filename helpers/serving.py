@@ -50,6 +50,13 @@ class ServerHandle:
         return f"ServerHandle(url={self.url!r}, {state})"
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now (for tests and benchmarks)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def port_holder(port: int) -> tuple[int, list[str]] | None:
     """``(pid, command line)`` of the process listening on ``port``, or None if psutil can't see it."""
     import psutil
@@ -128,7 +135,8 @@ def ensure_port_free(host: str, port: int) -> None:
 
 def start_uvicorn(
     app: Any,
-    host: str,
+    host: str = "127.0.0.1",
+    *,
     port: int,
     health_path: str = "/health",
     timeout: float = 30.0,

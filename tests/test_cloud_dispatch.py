@@ -35,7 +35,7 @@ def test_importing_helpers_does_not_import_the_sdks() -> None:
     ("spec", "preset", "model", "base_url"),
     [
         ("openai:gpt-4o-mini", "openai", "gpt-4o-mini", "https://api.openai.com/v1/"),
-        ("deepseek:deepseek-chat", "deepseek", "deepseek-chat", "https://api.deepseek.com"),
+        ("deepseek:deepseek-v4-flash", "deepseek", "deepseek-v4-flash", "https://api.deepseek.com"),
         ("zhipu:glm-4-flash", "zhipu", "glm-4-flash", "https://open.bigmodel.cn/api/paas/v4/"),
         ("dashscope:qwen-plus", "dashscope", "qwen-plus",
          "https://dashscope.aliyuncs.com/compatible-mode/v1"),
@@ -45,7 +45,7 @@ def test_importing_helpers_does_not_import_the_sdks() -> None:
         ("ollama:qwen2.5:1.5b", "ollama", "qwen2.5:1.5b", "http://127.0.0.1:11434/v1"),
         ("dhllm:embedded", "dhllm", "embedded", "http://127.0.0.1:7871/v1"),
         ("zhipu", "zhipu", "glm-4-flash", "https://open.bigmodel.cn/api/paas/v4/"),
-        ("deepseek:", "deepseek", "deepseek-chat", "https://api.deepseek.com"),
+        ("deepseek:", "deepseek", "deepseek-v4-flash", "https://api.deepseek.com"),
     ],
 )
 def test_presets(spec: str, preset: str, model: str, base_url: str) -> None:
@@ -67,7 +67,7 @@ def test_gemini_spec_and_options_pass_through() -> None:
     assert isinstance(chat, GeminiChat)
     assert (chat.model, chat.name, chat.timeout) == ("gemini-2.5-pro", "gemini:gemini-2.5-pro", 5)
     assert chat.thinking_budget is None  # 2.5 pro cannot switch thinking off
-    assert get_chat_model("gemini").model == "gemini-2.5-flash"
+    assert get_chat_model("gemini").model == "gemini-3.5-flash"
     openai_chat = get_chat_model("openai:gpt-4o-mini", timeout=7.5, max_retries=1)
     assert (openai_chat.client.timeout, openai_chat.client.max_retries) == (7.5, 1)
 

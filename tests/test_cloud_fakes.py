@@ -11,8 +11,8 @@ from tests.fakes import provider_env
 from tests.fakes.gemini_fake import start_fake_gemini
 from tests.fakes.openai_fake import start_fake_openai
 
-SPECS = ["openai:gpt-4o-mini", "deepseek:deepseek-chat", "zhipu:glm-4-flash",
-         "dashscope:qwen-plus", "moonshot:moonshot-v1-8k", "gemini:gemini-2.5-flash"]
+SPECS = ["openai:gpt-4o-mini", "deepseek:deepseek-v4-flash", "zhipu:glm-4-flash",
+         "dashscope:qwen-plus", "moonshot:moonshot-v1-8k", "gemini:gemini-3.5-flash"]
 
 
 def test_every_provider_reaches_its_fake_through_the_environment(

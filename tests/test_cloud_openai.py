@@ -13,7 +13,6 @@ from helpers.chat import (
     AuthenticationError,
     BadRequestError,
     OpenAIChat,
-    RateLimitError,
     UnavailableError,
     get_chat_model,
 )
@@ -96,19 +95,8 @@ def test_top_k_and_repetition_penalty_as_extra_body_where_supported(fake: FakeSe
     assert (body["top_k"], body["repetition_penalty"], body["model"]) == (5, 1.1, "some-model")
 
 
-def test_429_then_200_is_retried(fake: FakeServer) -> None:
-    fake.fail_next(429, times=2, retry_after=0.05)
-    assert model(fake).chat(HISTORY) == ECHO
-    assert len(fake.model_requests) == 3
 
 
-def test_429_until_retries_run_out(fake: FakeServer) -> None:
-    fake.fail_next(429, times=3, retry_after=0.05)
-    with pytest.raises(RateLimitError) as info:
-        model(fake, max_retries=2).chat(HISTORY)
-    assert len(fake.model_requests) == 3
-    assert "Rate limit reached" in info.value.provider_message
-    assert info.value.retry_after == pytest.approx(0.05)
 
 
 def test_401_is_not_retried_and_keeps_the_provider_message(fake: FakeServer) -> None:
@@ -122,17 +110,8 @@ def test_401_is_not_retried_and_keeps_the_provider_message(fake: FakeServer) -> 
                   "".join(traceback.format_exception(error)))
 
 
-def test_500s_become_unavailable_after_retries(fake: FakeServer) -> None:
-    fake.fail_next(500, times=3, retry_after=0.01)
-    with pytest.raises(UnavailableError, match="500") as info:
-        model(fake, max_retries=2).chat(HISTORY)
-    assert len(fake.model_requests) == 3
-    assert "server had an error" in info.value.provider_message
 
 
-def test_503_once_then_answer(fake: FakeServer) -> None:
-    fake.fail_next(503, retry_after=0.01)
-    assert model(fake).chat(HISTORY) == ECHO
 
 
 def test_timeout_becomes_unavailable(fake: FakeServer) -> None:
@@ -220,4 +199,4 @@ def test_no_key_in_repr_errors_or_logs(fake: FakeServer, caplog: pytest.LogCaptu
         OpenAIChat("gpt-4o-mini", api_key=WRONG_KEY, base_url=fake.base_url).chat(HISTORY)
     assert caplog.records, "expected the SDK's debug logs to be captured"
     logged = [r.getMessage() + repr(r.args) + repr(r.__dict__) for r in caplog.records]
-    assert_no_key(repr(chat), str(chat.__repr__()), str(info.value), repr(info.value), *logged)
+    assert_no_key(repr(chat), str(chat), format(chat), str(info.value), repr(info.value), *logged)

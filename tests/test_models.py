@@ -289,3 +289,19 @@ def test_the_no_gpu_online_choice_downloads_from_the_hub_and_answers(no_gpu, tin
     reply = chat.chat([{"role": "user", "content": "你好"}], max_new_tokens=4, temperature=0)
     assert isinstance(reply, str)
     assert local_model_dir("qwen2.5-0.5b-instruct") is not None  # next time: no download
+
+
+@pytest.mark.parametrize(("gpu", "expected"), [
+    (None, ("float32", None)),
+    ("T4", ("float16", None)),
+    ("L4", ("bfloat16", None)),
+    ("RTX 3070", ("bfloat16", "bitsandbytes")),
+])
+def test_vllm_gets_the_precision_load_model_would_pick(isolated, gpu, expected):
+    from helpers.server.vllm_launch import vllm_precision
+
+    if gpu is None:
+        isolated.setattr(torch.cuda, "is_available", lambda: False)
+    else:
+        fake_gpu(isolated, *GPUS[gpu])
+    assert vllm_precision(get_spec("linly-7b")) == expected

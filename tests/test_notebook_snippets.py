@@ -68,4 +68,16 @@ def test_snippet_runs_as_is(name, lang, code, services, tmp_path):
     command = [sys.executable, "-c", code] if lang == "python" else ["bash", "-euo", "pipefail", "-c", code]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, f"{name} failed:\n{code}\n--- stderr ---\n{result.stderr[-3000:]}"
-    assert result.stdout.strip(), f"{name} printed nothing"
+    check_output(name, result.stdout, result.stderr)
+
+
+def check_output(name: str, stdout: str, stderr: str) -> None:
+    """An exit code of 0 is not enough: `curl -s` exits 0 on a 422, a print may show an error."""
+    assert stdout.strip(), f"{name} printed nothing"
+    assert "Traceback" not in stderr, f"{name}:\n{stderr[-3000:]}"
+    assert "\ufffd" not in stdout, f"{name} printed broken UTF-8: {stdout[:500]}"
+    for line in stdout.splitlines():
+        if line.lstrip().startswith("{"):  # a JSON reply of one of our servers
+            body = json.loads(line)
+            assert "detail" not in body and "error" not in body, f"{name} got an error: {line}"
+            assert {"response", "choices", "data"} & set(body), f"{name}: unexpected {line}"

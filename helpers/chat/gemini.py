@@ -35,9 +35,11 @@ class GeminiChat(ChatModel):
     """Google Gemini via ``google-genai``: history as ``contents`` (roles user/model), system
     prompt as ``system_instruction``.
 
-    ``thinking_budget`` defaults to 0 for gemini-2.5-flash*: a digital human wants short, fast
-    answers, and thinking tokens would count against ``max_new_tokens`` (answers came back empty).
-    Pass ``thinking_budget=None`` to keep the model's own default. repetition_penalty has no
+    Thinking is kept to a minimum by default on Flash models: a digital human wants short, fast
+    answers, and thinking tokens count against ``max_new_tokens`` (answers came back empty).
+    Gemini 2.5 takes a token budget (0 = off), Gemini 3 a level ("minimal" on Flash; the two
+    must not be sent together: https://ai.google.dev/gemini-api/docs/gemini-3). Pass
+    ``thinking_budget=None`` to keep the model's own default. repetition_penalty has no
     Gemini equivalent and is dropped (logged once at INFO).
     """
 
@@ -60,9 +62,7 @@ class GeminiChat(ChatModel):
         self.name = name or f"gemini:{self.model}"
         self.timeout = timeout
         self.max_retries = max_retries
-        if thinking_budget == "auto":
-            thinking_budget = 0 if self.model.startswith("gemini-2.5-flash") else None
-        self.thinking_budget = thinking_budget
+        self.thinking = _thinking_config(self.model, thinking_budget)
         key = api_key or self._key_from_secrets()  # raises MissingSecretError before any request
         self._secrets = (key,)
         self._warned: set[str] = set()
@@ -109,8 +109,7 @@ class GeminiChat(ChatModel):
             top_k=gen.top_k or None,
             seed=gen.seed,
             stop_sequences=list(gen.stop) or None,
-            thinking_config=(types.ThinkingConfig(thinking_budget=self.thinking_budget)
-                             if self.thinking_budget is not None else None),
+            thinking_config=types.ThinkingConfig(**self.thinking) if self.thinking else None,
         )
         return {"model": self.model, "contents": contents, "config": config}
 
@@ -223,3 +222,14 @@ class _WaitRetryAfter:
         if delay is not None and 0 < delay <= MAX_RETRY_AFTER:
             return delay
         return self.fallback(retry_state)
+
+
+def _thinking_config(model: str, budget: int | str | None) -> dict[str, Any]:
+    """ThinkingConfig fields: as asked, else the least thinking the model allows (Flash only)."""
+    if budget != "auto":
+        return {} if budget is None else {"thinking_budget": budget}
+    if model.startswith("gemini-2.5-flash"):
+        return {"thinking_budget": 0}
+    if model.startswith("gemini-3") and "flash" in model:
+        return {"thinking_level": "MINIMAL"}
+    return {}

@@ -123,51 +123,15 @@ class TransformersChat(ChatModel):
         return response
 
     def _stream_generate(self, messages: list[dict[str, str]], gen: GenerationParams) -> Iterator[str]:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
-        ids = torch.tensor([self.prompt_ids(messages)], device=self.model.device)
+        """Run ``model.generate`` in a thread; decode its tokens here as they arrive."""
+        ids = self.prompt_ids(messages)
         tokens: Queue[int | None] = Queue()
         cancelled = threading.Event()
         error: list[BaseException] = []
 
-        class _IdStreamer(BaseStreamer):
-            # The first put() is the prompt; later ones are the new token(s).
-            def __init__(self) -> None:
-                self.seen_prompt = False
-
-            def put(self, value: Any) -> None:
-                if not self.seen_prompt:
-                    self.seen_prompt = True
-                    return
-                for token in value.reshape(-1).tolist():
-                    tokens.put(token)
-
-            def end(self) -> None:
-                tokens.put(None)
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool,
-                                  device=input_ids.device)
-
-        kwargs = self._generate_kwargs(gen)
-
         def work() -> None:
             try:
-                # A seed applies to this call only: fork_rng restores the process-wide RNG after.
-                devices = [self.model.device] if self.model.device.type == "cuda" else []
-                with self.lock, torch.inference_mode(), torch.random.fork_rng(devices=devices):
-                    if gen.seed is not None:
-                        torch.manual_seed(gen.seed)
-                    self.model.generate(
-                        ids,
-                        attention_mask=torch.ones_like(ids),
-                        streamer=_IdStreamer(),
-                        stopping_criteria=StoppingCriteriaList([_Cancelled()]),
-                        **kwargs,
-                    )
+                self._generate(ids, gen, tokens, cancelled)
             except BaseException as exc:  # re-raised in the consumer's thread
                 error.append(exc)
                 tokens.put(None)
@@ -194,6 +158,43 @@ class TransformersChat(ChatModel):
         finally:
             cancelled.set()  # a client that stops reading stops the generation too
             thread.join()
+
+    def _generate(self, ids: list[int], gen: GenerationParams, tokens: Queue[int | None],
+                  cancelled: threading.Event) -> None:
+        """``model.generate`` putting each new token on ``tokens``; stops once ``cancelled``."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        class IdStreamer(BaseStreamer):
+            # The first put() is the prompt; later ones are the new token(s).
+            def __init__(self) -> None:
+                self.seen_prompt = False
+
+            def put(self, value: Any) -> None:
+                if self.seen_prompt:
+                    for token in value.reshape(-1).tolist():
+                        tokens.put(token)
+                self.seen_prompt = True
+
+            def end(self) -> None:
+                tokens.put(None)
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool,
+                                  device=input_ids.device)
+
+        prompt = torch.tensor([ids], device=self.model.device)
+        # A seed applies to this call only: fork_rng restores the process-wide RNG after.
+        devices = [self.model.device] if self.model.device.type == "cuda" else []
+        with self.lock, torch.inference_mode(), torch.random.fork_rng(devices=devices):
+            if gen.seed is not None:
+                torch.manual_seed(gen.seed)
+            self.model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                streamer=IdStreamer(),
+                                stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                                **self._generate_kwargs(gen))
 
     def _generate_kwargs(self, gen: GenerationParams) -> dict[str, Any]:
         eos = sorted(self.eos_token_ids())

@@ -69,9 +69,9 @@ class OpenAIChat(ChatModel):
         self.base_url = str(self.client.base_url)
 
     @classmethod
-    def from_preset(cls, name: str, model: str | None = None, **kwargs: Any) -> OpenAIChat:
-        """A backend for preset ``name`` (openai, deepseek, zhipu, ...), its default model unless given."""
-        return cls(model, preset=name, **kwargs)
+    def from_preset(cls, preset: str, model: str | None = None, **kwargs: Any) -> OpenAIChat:
+        """A backend for ``preset`` (openai, deepseek, zhipu, ...), its default model unless given."""
+        return cls(model, preset=preset, **kwargs)
 
     def _key_from_secrets(self) -> str:
         env = self.preset.key_env

@@ -32,7 +32,8 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset("openai", None, "gpt-4o-mini", "OPENAI_API_KEY",
                key_url="https://platform.openai.com/api-keys", note="ChatGPT"),
-        Preset("deepseek", "https://api.deepseek.com", "deepseek-chat", "DEEPSEEK_API_KEY",
+        # deepseek-chat / deepseek-reasoner are deprecated from 2026-07-24 (https://api-docs.deepseek.com/).
+        Preset("deepseek", "https://api.deepseek.com", "deepseek-v4-flash", "DEEPSEEK_API_KEY",
                key_url="https://platform.deepseek.com/api_keys"),
         Preset("zhipu", "https://open.bigmodel.cn/api/paas/v4/", "glm-4-flash", "ZHIPUAI_API_KEY",
                key_url="https://open.bigmodel.cn/usercenter/apikeys",
@@ -53,7 +54,10 @@ PRESETS: dict[str, Preset] = {
     ]
 }
 
-GEMINI_DEFAULT_MODEL = "gemini-2.5-flash"
+# Model names retire: gemini-pro is gone, and gemini-2.5-flash was shut down on 2026-06-17
+# (https://ai.google.dev/gemini-api/docs/deprecations, which lists gemini-3.5-flash with no
+# shutdown date announced). Check what your key can use with client.models.list().
+GEMINI_DEFAULT_MODEL = "gemini-3.5-flash"
 GEMINI_KEY_ENVS = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
 
 

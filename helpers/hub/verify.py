@@ -6,6 +6,7 @@ import json
 import re
 import shlex
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def remote_manifest(
     base = endpoint_for(source, endpoint)
     hub_id = repo_id
     if source == "modelscope":
+        # modelscope_hub directly (declared in pyproject): only its listing carries sha256.
         from modelscope_hub.api import HubApi as MsApi
 
         files = MsApi(endpoint=base).list_repo_files(hub_id, "model", revision=revision)
@@ -134,22 +136,8 @@ def verify(
     if not local_dir.is_dir():
         raise VerificationError(f"{local_dir} is not a folder. Download it with: {fix()}")
     files = local_files(local_dir)
+    _check_files(files, fix)
     names = {p.relative_to(local_dir).as_posix() for p in files}
-    for path in files:
-        if is_lfs_pointer(path):
-            raise VerificationError(
-                f"{path} is a git-lfs pointer file (~130 bytes of text), not the real file: the "
-                f"repository was cloned without git-lfs. Fix: {fix()}"
-            )
-    for path in files:
-        if path.suffix == ".safetensors":
-            problem = _check_safetensors(path)
-        elif path.suffix in (".bin", ".pt", ".pth"):
-            problem = _check_pickle(path)
-        else:
-            continue
-        if problem:
-            raise VerificationError(f"{path} {problem}. Delete it and download again: {fix()}")
     has_gguf = any(n.endswith(".gguf") for n in names)
     if allow_patterns is None and "config.json" not in names and not has_gguf:
         raise VerificationError(f"{local_dir} has no config.json. Download it with: {fix()}")
@@ -166,10 +154,36 @@ def verify(
             manifest = {k: v for k, v in manifest.items() if k in keep}
     else:
         manifest = _recorded_manifest(local_dir)
+    _check_against(local_dir, manifest, fix)
+    return local_dir
+
+
+def _check_files(files: list[Path], fix: Callable[[], str]) -> None:
+    """The cheap checks: no git-lfs pointers, weight files that are not truncated."""
+    for path in files:
+        if is_lfs_pointer(path):
+            raise VerificationError(
+                f"{path} is a git-lfs pointer file (~130 bytes of text), not the real file: the "
+                f"repository was cloned without git-lfs. Fix: {fix()}"
+            )
+    for path in files:
+        if path.suffix == ".safetensors":
+            problem = _check_safetensors(path)
+        elif path.suffix in (".bin", ".pt", ".pth"):
+            problem = _check_pickle(path)
+        else:
+            continue
+        if problem:
+            raise VerificationError(f"{path} {problem}. Delete it and download again: {fix()}")
+
+
+def _check_against(local_dir: Path, manifest: dict[str, RemoteFile],
+                   fix: Callable[[], str]) -> None:
+    """Every listed file present, of the listed size and hash (hashes cached by size and mtime)."""
     cache = local_hash_cache(local_dir)
     is_git_checkout = (local_dir / ".git").exists()
     for rel, remote in sorted(manifest.items()):
-        if rel.split("/")[-1].startswith(".") or any(p.startswith(".") for p in rel.split("/")):
+        if any(part.startswith(".") for part in rel.split("/")):
             continue
         path = local_dir / rel
         if not path.is_file():
@@ -194,10 +208,9 @@ def verify(
                 f"{path}: git sha1 {sha1[:12]}... differs from the hub's {remote.git_sha1}. "
                 f"Delete it and download again: {fix()}"
             )
-    return local_dir
 
 
-def _check_complete(local_dir: Path, names: set[str], fix) -> None:
+def _check_complete(local_dir: Path, names: set[str], fix: Callable[[], str]) -> None:
     if any(n.endswith(".gguf") for n in names):
         return
     for index_name in [n for n in names if n.endswith(".index.json")]:

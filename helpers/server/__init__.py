@@ -61,8 +61,13 @@ def serve(
     port: int | None = None,
     api_key: str | None = None,
     log_prompts: bool = False,
+    engine: str = "builtin",
 ) -> None:
-    """Load ``model_spec`` and serve it until Ctrl-C (the ``dhllm serve`` command)."""
+    """Load ``model_spec`` and serve it until Ctrl-C (the ``dhllm serve`` command).
+
+    ``engine``: ``builtin`` (our continuous batching, in this process) or ``vllm`` (vLLM in
+    its own venv as a subprocess, stopped with the server).
+    """
     import logging
 
     import uvicorn
@@ -78,9 +83,19 @@ def serve(
         overrides["api_key"] = api_key
     settings = get_settings(**overrides)
     ensure_port_free(host, settings.port)  # fail before minutes of model loading, not after
-    chat_model = get_chat_model(model_spec)
-    app = create_app(chat_model, settings)
+    if engine == "vllm":
+        from helpers.server.vllm_launch import start_vllm_engine
+
+        chat_model, runner = start_vllm_engine(model_spec, settings, progress=print)
+        app = create_app(chat_model, settings, engine=runner)
+    elif engine == "builtin":
+        app = create_app(get_chat_model(model_spec), settings)
+    else:
+        raise ValueError(f"engine must be 'builtin' or 'vllm', not {engine!r}")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown}:{settings.port}"
     print(f"serving {model_spec} on {url}  (docs: {url}/docs)")
-    uvicorn.run(app, host=host, port=settings.port, log_level="warning")
+    try:
+        uvicorn.run(app, host=host, port=settings.port, log_level="warning")
+    finally:
+        app.state.engine.stop()  # vLLM too; idempotent after the app's own shutdown

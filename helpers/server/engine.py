@@ -67,6 +67,7 @@ class Finish:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: BaseException | None = None
+    cached_tokens: int = 0  # prompt tokens served from a prefix cache
 
 
 class Stream:

@@ -1,8 +1,8 @@
 """Run vLLM's OpenAI-compatible server as a subprocess, in its own venv.
 
 vLLM pins its own torch, transformers and fastapi, so it cannot share dhllm's venv: it lives in
-``.venv-vllm`` and we only talk to it over HTTP. This module is standalone on purpose (stdlib and
-``requests`` only, nothing from ``helpers``) so it can be imported before anything heavy.
+``.venv-vllm`` and we only talk to it over HTTP. It imports only the standard library, ``requests`` and
+``helpers.serving`` (for the port checks), so it is cheap to import.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import requests
 
+from helpers.serving import ensure_port_free
+
 # helpers/server/vllm_process.py -> repository root, where setup puts .venv-vllm.
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 ENV_VAR = "DHLLM_VLLM_PYTHON"
@@ -34,10 +35,6 @@ GPU_DTYPES = ("bfloat16", "float16", "auto")
 
 class VLLMError(RuntimeError):
     """vLLM could not be found, did not start, or died; the message carries the log's tail."""
-
-
-class PortInUseError(VLLMError):
-    """The port is already taken (checked before spending a minute on start-up)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,17 +140,6 @@ def cpu_range() -> str:
         if cpu is not None:
             start = prev = cpu
     return ",".join(ranges)
-
-
-def _port_free(host: str, port: int) -> bool:
-    """Whether ``host:port`` can be bound right now."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -294,6 +280,10 @@ class VLLMProcess:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
             # It pins OpenMP threads to these CPUs; "all" is rejected, a range works.
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_range())
+            # vllm-cpu 0.32's AOT compile cache never loads ("'function' object has no attribute
+            # 'finalize_loading'"), so every start recompiled (~40 s of engine init); the older
+            # cache path works: a second start's engine init took 12 s instead.
+            env.setdefault("VLLM_USE_AOT_COMPILE", "0")
         env["PYTHONUNBUFFERED"] = "1"  # log lines reach the file (and progress) as they happen
         env.update(self.env_overrides)
         return env
@@ -310,8 +300,7 @@ class VLLMProcess:
             if not self.model_dir.is_dir():
                 raise VLLMError(f"model folder not found: {self.model_dir}")
             # vLLM would find a busy port only after ~1 min of engine start-up.
-            if not _port_free(self.host, self.port):
-                raise PortInUseError(f"port {self.port} on {self.host} is already in use")
+            ensure_port_free(self.host, self.port)  # before a minute of start-up, not after
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with self.log_path.open("wb") as log:
                 # Own session = own process group: stop() signals vLLM's API server, engine

@@ -8,13 +8,12 @@ provider's REST format, so the real SDKs can be tested (and notebook 04 run) wit
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from helpers.serving import ServerHandle, start_uvicorn
+from helpers.serving import ServerHandle, free_port, start_uvicorn
 
 
 @dataclass
@@ -102,13 +101,6 @@ class FakeServer:
         return f"{type(self).__name__}(base_url={self.base_url!r})"
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def serve(app: Any, state: FakeState, port: int | None, base_path: str) -> FakeServer:
     """Run a fake app on 127.0.0.1 in a background thread."""
     handle = start_uvicorn(app, host="127.0.0.1", port=port or free_port(), health_path="/health")
@@ -125,7 +117,7 @@ def provider_env(openai: FakeServer | None = None, gemini: FakeServer | None = N
     """Environment variables that point every cloud backend at the fakes, with dummy keys.
 
     For a notebook-test harness: set these in the kernel's environment before it starts, and
-    ``get_chat_model("zhipu:glm-4-flash")``, ``"gemini:gemini-2.5-flash"``, ... reach the fakes.
+    ``get_chat_model("zhipu:glm-4-flash")``, ``"gemini:gemini-3.5-flash"``, ... reach the fakes.
     """
     from helpers.chat.presets import GEMINI_KEY_ENVS, PRESETS
 

@@ -1,0 +1,186 @@
+"""vLLM behind dhllm: the same ``Engine`` contract, generation done by a vLLM server on loopback.
+
+dhllm keeps what it promises (the chapter's ``POST /`` with history and the Linly template, the
+OpenAI ``/v1`` with SSE, API key, error shapes, 503 when the engine is down) and relays each
+request to vLLM's OpenAI-compatible API. The relay runs on the event loop (no threads): one
+``AsyncOpenAI`` stream per request, whose closing makes vLLM abort the request (measured: its
+running count drops within ~0.1 s), so a client that hangs up stops the generation upstream too.
+
+Chat-template models go to vLLM's ``/v1/chat/completions`` (vLLM applies the template);
+Linly-template models and verbatim Linly-Talker prompts go to ``/v1/completions`` with the
+rendered prompt and the template's stop strings, since Linly-7B has no chat template.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+from helpers.chat.base import GenerationParams, Message, validate_messages
+from helpers.chat.prompts import LINLY_STOP, render_linly_prompt
+from helpers.server.engine import Engine, EngineStoppedError, Finish, QueueFullError, Stream
+
+CANCEL_POLL_S = 0.05  # how often a relay checks whether its client went away
+
+
+class VLLMEngine(Engine):
+    """Relays requests to a running vLLM server; ``process`` (if given) is stopped with it."""
+
+    kind = "vllm"
+
+    def __init__(self, chat_model: Any, base_url: str, served_name: str,
+                 prompt_format: str | None = None, max_queue: int = 64, max_running: int = 256,
+                 process: Any = None, timeout: float = 600.0) -> None:
+        super().__init__(chat_model, max_queue)
+        self.base_url = base_url.rstrip("/")
+        self.served_name = served_name
+        self.prompt_format = prompt_format
+        self.max_in_flight = max_running + max_queue  # vLLM queues itself; this bounds memory
+        self.process = process
+        self.timeout = timeout
+        self._client: Any = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopped = True
+
+    def start(self) -> None:
+        self._stopped = False
+
+    def stop(self) -> None:
+        self._stopped = True
+        for task in list(self._tasks):
+            task.cancel()
+        client, self._client = self._client, None
+        if client is not None:
+            # Called from the app's shutdown, on its loop: close the connection pool there.
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().create_task(client.close())
+        if self.process is not None:
+            self.process.stop()
+
+    def submit(self, messages: Sequence[Message], params: GenerationParams,
+               prompt_text: str | None = None) -> Stream:
+        """Start relaying one request; call from the server's event loop."""
+        messages = validate_messages(messages)
+        if self._stopped:
+            raise EngineStoppedError("the engine is not running")
+        with self._lock:
+            if len(self._tasks) >= self.max_in_flight:
+                self.stats.rejected += 1
+                raise QueueFullError(f"{len(self._tasks)} requests are in flight; try again soon")
+            self.stats.submitted += 1
+            self.stats.running += 1
+        stream = Stream()
+        task = asyncio.get_running_loop().create_task(
+            self._relay(stream, messages, params, prompt_text))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return stream
+
+    def _openai(self) -> Any:
+        import openai  # lazily: the SDK is only needed when vLLM serves
+
+        if self._client is None:
+            # No retries: a retried generation would repeat tokens the client already has.
+            self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key="dhllm",
+                                              max_retries=0, timeout=self.timeout)
+        return self._client
+
+    def _request(self, messages: list[dict[str, str]], params: GenerationParams,
+                 prompt_text: str | None) -> tuple[str, dict[str, Any]]:
+        """Which vLLM endpoint, and the body for it."""
+        body: dict[str, Any] = {
+            "model": self.served_name, "stream": True, "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature, "top_p": params.top_p,
+            "stream_options": {"include_usage": True},
+        }
+        extra: dict[str, Any] = {"repetition_penalty": params.repetition_penalty}
+        if params.top_k:
+            extra["top_k"] = params.top_k
+        if params.seed is not None:
+            body["seed"] = params.seed
+        stop = list(params.stop)
+        if prompt_text is not None or self.prompt_format == "linly":
+            body["prompt"] = prompt_text or render_linly_prompt(messages)
+            stop += [s for s in LINLY_STOP if s not in stop]
+            endpoint = "completions"
+        else:
+            body["messages"] = messages
+            endpoint = "chat"
+        if stop:
+            body["stop"] = stop
+        body["extra_body"] = extra
+        return endpoint, body
+
+    async def _relay(self, stream: Stream, messages: list[dict[str, str]],
+                     params: GenerationParams, prompt_text: str | None) -> None:
+        """Copy vLLM's stream into ``stream``; stop upstream when the reader goes away."""
+        finish = Finish("stop")
+        relay = asyncio.current_task()
+        watcher = asyncio.create_task(self._cancel_when_abandoned(stream, relay))
+        try:
+            finish = await self._copy(stream, *self._request(messages, params, prompt_text))
+        except asyncio.CancelledError:
+            finish = Finish("cancelled")
+        except Exception as exc:  # handed to the reader, who maps it to an HTTP status
+            finish = Finish("error", error=upstream_error(exc))
+        finally:
+            watcher.cancel()
+        self._count_finish(finish)
+        stream.close(finish)
+
+    async def _copy(self, stream: Stream, endpoint: str, body: dict[str, Any]) -> Finish:
+        client = self._openai()
+        create = client.chat.completions.create if endpoint == "chat" else (
+            client.completions.create)
+        upstream = await create(**body)
+        finish = Finish("stop")
+        async with upstream:  # leaving the block closes the response: vLLM aborts the request
+            async for chunk in upstream:
+                for choice in chunk.choices:
+                    piece = choice.delta.content if endpoint == "chat" else choice.text
+                    if piece:
+                        stream.put_text(piece)
+                    if choice.finish_reason:
+                        finish.reason = "length" if choice.finish_reason == "length" else "stop"
+                if chunk.usage is not None:
+                    finish.prompt_tokens = chunk.usage.prompt_tokens
+                    finish.completion_tokens = chunk.usage.completion_tokens
+                    details = getattr(chunk.usage, "prompt_tokens_details", None)
+                    finish.cached_tokens = getattr(details, "cached_tokens", 0) or 0
+        return finish
+
+    @staticmethod
+    async def _cancel_when_abandoned(stream: Stream, relay: asyncio.Task[Any] | None) -> None:
+        """Cancel ``relay`` once the stream's reader has gone (``Stream.cancel`` is thread-safe,
+        an Event, so it is polled rather than awaited)."""
+        while not stream.cancelled.is_set():
+            await asyncio.sleep(CANCEL_POLL_S)
+        if relay is not None:
+            relay.cancel()
+
+    def _count_finish(self, finish: Finish) -> None:
+        with self._lock:
+            self.stats.running -= 1
+            self.stats.prompt_tokens += finish.prompt_tokens
+            self.stats.completion_tokens += finish.completion_tokens
+            counter = {"cancelled": "cancelled", "error": "errors"}.get(finish.reason, "completed")
+            setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+
+
+def upstream_error(exc: BaseException) -> BaseException:
+    """vLLM's failures as errors the server maps: 503 when it is down, its 4xx as 400."""
+    import openai
+
+    from helpers.errors import BadRequestError, UnavailableError
+
+    if isinstance(exc, openai.APIConnectionError):
+        return UnavailableError("vLLM is not answering (did it stop or crash? see its log)")
+    if isinstance(exc, openai.APIStatusError):
+        message = getattr(exc, "message", str(exc))
+        if 400 <= exc.status_code < 500:
+            return BadRequestError(f"vLLM refused the request: {message}",
+                                   provider_message=message)
+        return UnavailableError(f"vLLM answered {exc.status_code}", provider_message=message)
+    return exc

@@ -1,0 +1,139 @@
+"""dhllm in front of a real vLLM (its CPU build, in its own venv): the chapter's contract, the
+OpenAI API with streaming, the API key, cancellation upstream, and no orphan process.
+
+Skips (saying why) where vLLM is not installed: ``make vllm`` installs it on Linux x86-64.
+vLLM starts with ``--enforce-eager`` here: ~20 s instead of ~60-90 s of torch.compile.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+import requests
+
+from helpers.config import get_settings
+from helpers.server import create_app, serve_in_background
+from helpers.server.vllm_engine import VLLMEngine
+from helpers.server.vllm_process import find_vllm_python
+from helpers.serving import ServerHandle, free_port
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(find_vllm_python() is None,
+                       reason="vLLM is not installed (make vllm: Linux x86-64 only)"),
+]
+KEY = "dhllm-vllm-test-key"
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def vllm_app() -> Iterator[tuple[ServerHandle, VLLMEngine]]:
+    from helpers.server.vllm_launch import start_vllm_engine
+
+    settings = get_settings(vllm_args="--enforce-eager", vllm_kvcache_gb=1)
+    chat_model, engine = start_vllm_engine("embedded", settings)
+    with serve_in_background(create_app(chat_model, settings, engine=engine),
+                             port=free_port()) as handle:
+        yield handle, engine
+    # Leaving the block stopped the app, and with it the engine and vLLM.
+
+
+@pytest.fixture(scope="module")
+def server(vllm_app: tuple[ServerHandle, VLLMEngine]) -> ServerHandle:
+    return vllm_app[0]
+
+
+def running_upstream(engine: VLLMEngine) -> float:
+    """vLLM's own count of requests it is generating (its Prometheus metrics)."""
+    text = requests.get(engine.process.url + "/metrics", timeout=5).text
+    return sum(float(v) for v in re.findall(r"^vllm:num_requests_running\{[^}]*\} (\S+)", text,
+                                            re.M))
+
+
+def test_the_chapters_curl_and_history(server: ServerHandle) -> None:
+    first = requests.post(server.url, json={"prompt": FRANCE[0]["content"], "temperature": 0,
+                                            "max_length": 16}, timeout=120).json()
+    assert "Paris" in first["response"]
+    assert first["history"] == [[FRANCE[0]["content"], first["response"]]]
+    second = requests.post(server.url, json={"prompt": "And of Germany?", "temperature": 0,
+                                             "history": first["history"], "max_length": 16},
+                           timeout=120).json()
+    assert len(second["history"]) == 2 and second["history"][0] == first["history"][0]
+    assert second["response"]
+
+
+def test_the_openai_sdk_streams(server: ServerHandle) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    pieces = [c.choices[0].delta.content for c in client.chat.completions.create(
+        model="embedded", messages=FRANCE, temperature=0, max_tokens=16, stream=True)
+        if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 2 and "Paris" in "".join(pieces)
+    whole = client.chat.completions.create(model="embedded", messages=FRANCE, temperature=0,
+                                           max_tokens=16)
+    assert whole.choices[0].message.content == "".join(pieces)  # greedy: the same answer
+    assert whole.usage.completion_tokens > 0 and whole.usage.prompt_tokens > 10
+
+
+def test_a_disconnect_stops_the_generation_upstream(
+        vllm_app: tuple[ServerHandle, VLLMEngine]) -> None:
+    server, engine = vllm_app
+    body = {"model": "embedded", "stream": True, "max_tokens": 1500, "temperature": 1.0,
+            "messages": [{"role": "user", "content": "Write a very long story about a ship."}]}
+    with requests.post(server.url + "/v1/chat/completions", json=body, stream=True,
+                       timeout=60) as response:
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert running_upstream(engine) == 1
+    deadline = time.monotonic() + 5
+    while running_upstream(engine) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running_upstream(engine) == 0
+    assert engine.stats.cancelled >= 1
+
+
+def test_a_second_gateway_with_a_key_and_503_when_vllm_is_down(
+        vllm_app: tuple[ServerHandle, VLLMEngine]) -> None:
+    from helpers.server.vllm_launch import start_vllm_engine
+
+    server, engine = vllm_app
+    # Another stateless gateway in front of the same vLLM (DHLLM_VLLM_URL): nothing started.
+    settings = get_settings(api_key=KEY, vllm_url=engine.process.url)
+    chat_model, guarded = start_vllm_engine("embedded", settings)
+    assert guarded.process is None
+    with serve_in_background(create_app(chat_model, settings, engine=guarded),
+                             port=free_port()) as handle:
+        assert requests.post(handle.url, json={"prompt": "hi"}, timeout=30).status_code == 401
+        ok = requests.post(handle.url, json={"prompt": "hi", "max_length": 4},
+                           headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        assert ok.status_code == 200 and ok.json()["response"]
+    dead = VLLMEngine(engine.chat_model, f"http://127.0.0.1:{free_port()}/v1", "embedded")
+    with serve_in_background(create_app(engine.chat_model, get_settings(), engine=dead),
+                             port=free_port()) as handle:
+        down = requests.post(handle.url + "/v1/chat/completions",
+                             json={"model": "x", "messages": FRANCE}, timeout=30)
+        assert down.status_code == 503
+        assert "vLLM is not answering" in down.json()["error"]["message"]
+
+
+def test_stopping_dhllm_stops_vllm() -> None:
+    from helpers.server.vllm_launch import start_vllm_engine
+
+    settings = get_settings(vllm_args="--enforce-eager", vllm_kvcache_gb=1)
+    chat_model, engine = start_vllm_engine("embedded", settings)
+    pid, port = engine.process.pid, int(engine.process.url.rsplit(":", 1)[1])
+    tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    handle = serve_in_background(create_app(chat_model, settings, engine=engine), port=free_port())
+    assert requests.get(handle.url + "/health", timeout=5).json()["engine"] == "vllm"
+    handle.stop()
+    gone, alive = psutil.wait_procs(tree, timeout=20)
+    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"left running: {[p.pid for p in alive]}"
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
