@@ -54,6 +54,21 @@ def test_download_with_endpoint_after_huggingface_hub_import(
     assert mirror.stats.per_path[f"/{REPO}/resolve/main/{WEIGHTS}"] == before
 
 
+def test_hf_skips_files_we_record(mirror, tmp_path: Path) -> None:
+    """Pins huggingface_hub's private local-folder metadata (hub.resume.write_hf_metadata):
+    after our resumable fetch, hf's own snapshot_download must not fetch the weights again."""
+    from huggingface_hub import snapshot_download
+
+    path = download(REPO, "hf", tmp_path / "rec", endpoint=mirror.url, progress=False)
+
+    def weight_bytes() -> int:
+        return sum(n for p, n in mirror.stats.per_path.items() if p.endswith(WEIGHTS))
+
+    before = weight_bytes()
+    snapshot_download(REPO, local_dir=path, endpoint=mirror.url)
+    assert weight_bytes() == before
+
+
 def test_download_subset_with_allow_patterns(mirror, tmp_path: Path) -> None:
     path = download(
         REPO,
