@@ -54,12 +54,16 @@ def test_download_with_endpoint_after_huggingface_hub_import(
     assert mirror.stats.per_path[f"/{REPO}/resolve/main/{WEIGHTS}"] == before
 
 
-def test_hf_skips_files_we_record(mirror, tmp_path: Path) -> None:
-    """Pins huggingface_hub's private local-folder metadata (hub.resume.write_hf_metadata):
-    after our resumable fetch, hf's own snapshot_download must not fetch the weights again."""
+def test_hf_reads_the_metadata_we_record(mirror, tmp_path: Path) -> None:
+    """Pins huggingface_hub's private local-folder metadata (hub.resume.write_hf_metadata): what
+    our resumable fetch records, hf reads back as its own, so it neither re-hashes nor re-fetches."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub._local_folder import read_download_metadata
 
     path = download(REPO, "hf", tmp_path / "rec", endpoint=mirror.url, progress=False)
+    recorded = read_download_metadata(path, WEIGHTS)
+    assert recorded is not None, "hf no longer reads the metadata we write"
+    assert recorded.etag == sha256_of(path / WEIGHTS) and len(recorded.commit_hash) == 40
 
     def weight_bytes() -> int:
         return sum(n for p, n in mirror.stats.per_path.items() if p.endswith(WEIGHTS))
