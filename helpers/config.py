@@ -20,6 +20,13 @@ DEFAULT_MIRROR_PORT = 8090
 # 2048 would take minutes per request. 0.7: the usual chat default (OpenAI's API uses 1.0).
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.7
+# Prefix (KV) cache budget: the embedded SmolLM2-135M needs 45 KiB per token (30 layers x 3 KV
+# heads x 64 dims x keys+values x fp32), so 256 MiB keeps ~5.8k tokens: a persona prompt plus
+# several conversations. A 7B Llama in fp16 needs 0.5 MiB per token (~500 tokens).
+DEFAULT_PREFIX_CACHE_MB = 256
+# Tokens of a new prompt prefilled between two decode steps of the running streams (measured on
+# a 2-core CPU with the embedded model: see helpers/server/engine/batching.py and notes).
+DEFAULT_PREFILL_CHUNK_TOKENS = 256
 
 
 class Settings(BaseSettings):
@@ -44,6 +51,9 @@ class Settings(BaseSettings):
     # Engine: how many sequences decode together and how many may wait.
     max_batch_size: int = 16
     max_queue: int = 64
+    # Prefix reuse (0 = off) and chunked prefill; see the DEFAULT_* constants above for why.
+    prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB
+    prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS
 
     mirror_port: int = DEFAULT_MIRROR_PORT
 
