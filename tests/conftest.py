@@ -3,19 +3,14 @@ and free ports. Servers started by tests bind 127.0.0.1 only."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
+from helpers.bench.peers import free_port
 from helpers.stand_in import build_tiny_model
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["free_port"]  # tests import it from here
 
 
 @pytest.fixture
