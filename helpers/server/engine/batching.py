@@ -18,36 +18,18 @@ import inspect
 import threading
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from helpers.chat import GenerationParams, IncrementalDecoder, Message, StopMatcher, TokenBatchable
+from helpers.chat import GenerationParams, Message, TokenBatchable
 from helpers.config import DEFAULT_PREFILL_CHUNK_TOKENS, DEFAULT_PREFIX_CACHE_MB
 from helpers.server.engine.base import Engine, EngineStoppedError, Finish, QueueFullError, Stream
-from helpers.server.engine.prefill import PrefillGroup, row_kv
-from helpers.server.engine.prefix_cache import PrefixCache
+from helpers.server.engine.kv import keep_rows, merge_rows, row_kv
+from helpers.server.engine.prefill import PrefillGroup
+from helpers.server.engine.prefix_cache import PrefixCache, reusable
+from helpers.server.engine.rows import Row
 from helpers.server.engine.sampling import pick_tokens
 
 _Pending = tuple[Stream, list[int], GenerationParams]
-
-
-@dataclass
-class _Row:
-    """One request inside the running batch (or its prefill group)."""
-
-    stream: Stream
-    prompt_ids: list[int]
-    params: GenerationParams
-    decoder: IncrementalDecoder
-    stopper: StopMatcher
-    generator: Any  # torch.Generator or None (then the global RNG)
-    seen: Any = None  # torch tensor of prompt + generated ids, for the repetition penalty
-    tokens: list[int] = field(default_factory=list)  # generated ids (the prefix cache keeps them)
-    cached: int = 0  # prompt tokens whose KV came from the prefix cache
-    position: int = 0  # position id of the next input token = tokens in this row's KV
-    next_token: int = 0
-    fresh: bool = False  # next_token is picked but not yet emitted
-    finish_reason: str | None = None
 
 
 class BatchingEngine(Engine):
@@ -70,16 +52,16 @@ class BatchingEngine(Engine):
         self.pad_id = pad if pad is not None else (min(self.eos) if self.eos else 0)
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
         self.prefix_cache = (PrefixCache(prefix_cache_mb * 2**20)
-                             if prefix_cache_mb > 0 and _full_attention(self.model.config) else None)
+                             if prefix_cache_mb > 0 and reusable(self.model.config) else None)
         self._pending: deque[_Pending] = deque()
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._rows: list[_Row] = []
+        self._rows: list[Row] = []
         self._cache: Any = None
         self._mask: Any = None  # [batch, cache length] of the running rows
         self._group: PrefillGroup | None = None
-        self._group_rows: list[_Row] = []
+        self._group_rows: list[Row] = []
         forward_params = inspect.signature(self.model.forward).parameters
         self._keep_logits = "logits_to_keep" in forward_params
         # transformers 5 renamed forward's past_key_values to cache; Colab may have either.
@@ -202,7 +184,7 @@ class BatchingEngine(Engine):
                 self._count("cancelled")
                 stream.close(Finish("cancelled", len(ids)))
             else:
-                rows.append(self._new_row(stream, ids, params))
+                rows.append(Row.new(stream, ids, params, self.batchable, self.model.device))
         if not rows:
             return
         try:
@@ -213,20 +195,7 @@ class BatchingEngine(Engine):
         except Exception as exc:  # fail the newcomers only
             self._fail(rows, exc)
 
-    def _new_row(self, stream: Stream, ids: list[int], params: GenerationParams) -> _Row:
-        import torch
-
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.model.device)
-            generator.manual_seed(params.seed)
-        return _Row(stream=stream, prompt_ids=ids, params=params,
-                    decoder=IncrementalDecoder(self.tokenizer),
-                    stopper=StopMatcher(params.stop + self.batchable.default_stop),
-                    generator=generator, seen=torch.tensor(ids, device=self.model.device),
-                    position=len(ids))
-
-    def _lookup(self, row: _Row) -> tuple[int, Any]:
+    def _lookup(self, row: Row) -> tuple[int, Any]:
         if self.prefix_cache is None:
             return 0, None
         row.cached, kv = self.prefix_cache.lookup(row.prompt_ids)
@@ -264,7 +233,7 @@ class BatchingEngine(Engine):
             self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in rows)
         self._merge(rows, group.cache, group.mask)
 
-    def _remember(self, r: _Row, cache: Any, mask_row: Any, index: int, length: int) -> None:
+    def _remember(self, r: Row, cache: Any, mask_row: Any, index: int, length: int) -> None:
         """Store the full blocks of this row's first ``length`` tokens (KV already computed)."""
         if self.prefix_cache is None:
             return
@@ -275,32 +244,12 @@ class BatchingEngine(Engine):
             self.stats.cache_blocks = len(self.prefix_cache)
             self.stats.cache_evictions = self.prefix_cache.evictions
 
-    def _merge(self, rows: list[_Row], cache: Any, mask: Any) -> None:
-        """Append new rows to the batch: left-pad the shorter KV cache so both have one length."""
-        import torch
-        from transformers import DynamicCache
-
+    def _merge(self, rows: list[Row], cache: Any, mask: Any) -> None:
+        """Append new rows to the running batch."""
         if not self._rows:
             self._rows, self._cache, self._mask = rows, cache, mask
             return
-        old_len, new_len = self._mask.shape[1], mask.shape[1]
-        width = max(old_len, new_len)
-
-        def pad_left(t: Any, length: int) -> Any:
-            if length == width:
-                return t
-            dim = -2 if t.dim() == 4 else -1
-            shape = list(t.shape)
-            shape[dim] = width - length
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-        layers = []
-        for old, new in zip(self._cache.layers, cache.layers, strict=True):
-            keys = torch.cat([pad_left(old.keys, old_len), pad_left(new.keys, new_len)])
-            values = torch.cat([pad_left(old.values, old_len), pad_left(new.values, new_len)])
-            layers.append((keys, values))
-        self._cache = DynamicCache(ddp_cache_data=layers)
-        self._mask = torch.cat([pad_left(self._mask, old_len), pad_left(mask, new_len)])
+        self._cache, self._mask = merge_rows(self._cache, self._mask, cache, mask)
         self._rows = self._rows + rows
 
     # Decode.
@@ -321,20 +270,22 @@ class BatchingEngine(Engine):
             self.stats.decode_steps += 1
             self.stats.decode_steps_during_prefill += self._group is not None
 
-    def _pick(self, rows: list[_Row], logits: Any) -> None:
+    def _pick(self, rows: list[Row], logits: Any) -> None:
+        import torch
+
         tokens = pick_tokens(logits, [r.params for r in rows], [r.generator for r in rows],
                              [r.seen for r in rows])
         for r, token, t in zip(rows, tokens.tolist(), tokens, strict=True):
             r.next_token, r.fresh = token, True
             r.tokens.append(token)
             if r.params.repetition_penalty != 1.0:
-                r.seen = _append(r.seen, t)
+                r.seen = torch.cat([r.seen, t.view(1)])
 
     def _emit_and_prune(self) -> None:
         """Send each row's new text; drop finished and cancelled rows from the batch."""
         keep = []
         for i, r in enumerate(self._rows):
-            self._emit(r)
+            r.emit(self.eos)
             if r.finish_reason is None:
                 keep.append(i)
             else:
@@ -346,44 +297,15 @@ class BatchingEngine(Engine):
         if len(keep) < len(self._rows):
             self._prune(keep)
 
-    def _emit(self, r: _Row) -> None:
-        """Send the row's fresh token as text, or decide why it ends."""
-        if r.stream.cancelled.is_set():
-            r.finish_reason = "cancelled"
-        elif not r.fresh:
-            return
-        elif r.next_token in self.eos:
-            r.finish_reason = "stop"
-        else:
-            r.fresh = False
-            piece = r.stopper.push(r.decoder.push(r.next_token))
-            if piece:
-                r.stream.put_text(piece)
-            if r.stopper.stopped:
-                r.finish_reason = "stop"
-            elif len(r.tokens) >= r.params.max_new_tokens:
-                r.finish_reason = "length"
-                tail = r.stopper.flush()
-                if tail:
-                    r.stream.put_text(tail)
-
     def _prune(self, keep: list[int]) -> None:
-        """Keep only these rows; cut columns that are padding in every remaining row."""
-        import torch
-
+        """Keep only these rows of the running batch."""
         if not keep:
             self._rows, self._cache, self._mask = [], None, None
             return
-        index = torch.tensor(keep, device=self._mask.device)
         self._rows = [self._rows[i] for i in keep]
-        self._mask = self._mask.index_select(0, index)
-        first = int(self._mask.any(0).long().argmax())
-        self._mask = self._mask[:, first:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, first:]
-            layer.values = layer.values.index_select(0, index)[:, :, first:]
+        self._mask = keep_rows(self._cache, self._mask, keep)
 
-    def _finish(self, r: _Row) -> None:
+    def _finish(self, r: Row) -> None:
         with self._lock:
             self.stats.completion_tokens += len(r.tokens)
             if r.finish_reason == "cancelled":
@@ -393,27 +315,10 @@ class BatchingEngine(Engine):
         r.stream.close(Finish(r.finish_reason or "stop", len(r.prompt_ids), len(r.tokens),
                               cached_tokens=r.cached))
 
-    def _fail(self, rows: list[_Row], exc: BaseException) -> None:
+    def _fail(self, rows: list[Row], exc: BaseException) -> None:
         with self._lock:
             self.stats.errors += len(rows)
             self.stats.running = len(self._rows) + len(self._group_rows)
         for r in rows:
             r.stream.close(Finish("error", len(r.prompt_ids), len(r.tokens), error=exc,
                                   cached_tokens=r.cached))
-
-
-def _append(seen: Any, token: Any) -> Any:
-    import torch
-
-    return torch.cat([seen, token.view(1)])
-
-
-def _full_attention(config: Any) -> bool:
-    """True when every layer attends to the whole past: then cached KV blocks are reusable.
-
-    Sliding-window layers keep only their window, so their KV cannot be cut into blocks here.
-    """
-    types = getattr(config, "layer_types", None)
-    if types:
-        return all(t == "full_attention" for t in types)
-    return not (getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None))

@@ -90,16 +90,3 @@ def _cached_part(cached: Sequence[tuple[int, Any]], rows: int, device: Any) -> t
             kv[:, :, i, :, width - c:] = row
             mask[i, width - c:] = 1
     return DynamicCache(ddp_cache_data=[(kv[n, 0], kv[n, 1]) for n in range(layers)]), mask
-
-
-def row_kv(cache: Any, mask_row: Any, row: int, start: int, end: int) -> Any:
-    """KV ``[layers, 2, heads, end - start, dim]`` of tokens ``start:end`` of one batch row.
-
-    The row's tokens are the columns its mask marks, in order (padding may sit anywhere).
-    """
-    import torch
-
-    columns = mask_row.nonzero().squeeze(1)[start:end]
-    return torch.stack([torch.stack([layer.keys[row].index_select(1, columns),
-                                     layer.values[row].index_select(1, columns)])
-                        for layer in cache.layers])

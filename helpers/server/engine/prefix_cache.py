@@ -116,6 +116,18 @@ class PrefixCache:
             self.evictions += 1
 
 
+def reusable(config: Any) -> bool:
+    """True when every layer attends to the whole past: then cached KV blocks are reusable.
+
+    Sliding-window layers keep only their window, so their KV cannot be cut into blocks here.
+    """
+    types = getattr(config, "layer_types", None)
+    if types:
+        return all(t == "full_attention" for t in types)
+    return not (getattr(config, "use_sliding_window", False)
+                and getattr(config, "sliding_window", None))
+
+
 def _cat(parts: list[Any]) -> Any:
     import torch
 
