@@ -16,6 +16,20 @@ from helpers.server.engine.prefix_cache import BLOCK_TOKENS
 # (with 1.3 they answer a long system prompt with one repeated token).
 GREEDY = GenerationParams(max_new_tokens=12, temperature=0, repetition_penalty=5.0)
 SYSTEM = PERSONA[:700]  # ~150 tokens: several blocks shared by every turn
+# Its own system prompt: it shares no block with the requests under test.
+RUNNER = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Go on."}]
+LONG = GenerationParams(max_new_tokens=400, temperature=0, repetition_penalty=1.3)
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the engine never got there"
+        time.sleep(0.001)
 
 
 def started(chat: TransformersChat, **kwargs: object) -> BatchingEngine:
@@ -96,20 +110,23 @@ def test_rows_with_different_cached_prefixes_share_one_prefill(tiny_chat):
     engine = started(tiny_chat, prefill_chunk_tokens=8)  # the blocker's prefill takes a while
     try:
         assert run(engine, first, GREEDY) == answer  # primes the cache
+        runner = engine.submit(RUNNER, LONG)  # running rows make prefills go in chunks
+        next(iter_runner := iter(runner))
         chunks = engine.stats.prefill_chunks
         blocker = engine.submit([{"role": "system", "content": "Summarise."},
                                  {"role": "user", "content": PERSONA[:1200]}], GREEDY)
-        while engine.stats.prefill_chunks == chunks:  # the blocker's group is under way
-            time.sleep(0.001)
+        wait_for(lambda: engine.stats.prefill_chunks > chunks)  # the blocker's group is under way
         streams = [engine.submit(m, p) for m, p in requests]  # they wait, then go as one group
         texts = ["".join(s) for s in streams]
         "".join(blocker)
+        runner.cancel()
+        list(iter_runner)
     finally:
         engine.stop()
     assert texts == solo
     cached = [s.finish.cached_tokens for s in streams]
     assert cached[0] > cached[1] > cached[2] == 0
-    assert engine.stats.prefills == 3  # primer, blocker, then the three together
+    assert engine.stats.prefills == 4  # primer, runner, blocker, then the three together
 
 
 def test_eviction_under_a_tiny_budget_stays_correct(tiny_chat):
@@ -129,16 +146,20 @@ def test_cancelled_requests_leave_the_cache_consistent(tiny_chat):
     reference = tiny_chat.chat(messages, **vars(GREEDY))
     engine = started(tiny_chat, prefill_chunk_tokens=8)
     try:
+        runner = engine.submit(RUNNER, LONG)  # running rows make prefills go in chunks
+        wait_for(lambda: engine.stats.decode_steps > 0)  # joined the batch: its blocks stored
+        blocks = engine.stats.cache_blocks  # the runner's own prompt
         # Cancelled between prefill chunks: its partial KV must never be stored.
+        chunks = engine.stats.prefill_chunks
         victim = engine.submit(messages, GREEDY)
-        while engine.stats.prefill_chunks < 2:
-            pass
+        wait_for(lambda: engine.stats.prefill_chunks >= chunks + 2)
         victim.cancel()
         assert "".join(victim) == "" and victim.finish.reason == "cancelled"
-        assert engine.stats.cache_blocks == 0
+        assert engine.stats.cache_blocks == blocks
+        runner.cancel()
+        list(runner)
         # Cancelled while decoding: what it stored is still right for the next request.
-        long = GenerationParams(max_new_tokens=200, temperature=0, repetition_penalty=1.3)
-        decoding = engine.submit(messages, long)
+        decoding = engine.submit(messages, LONG)
         pieces = iter(decoding)
         next(pieces)
         decoding.cancel()
@@ -149,7 +170,7 @@ def test_cancelled_requests_leave_the_cache_consistent(tiny_chat):
     finally:
         engine.stop()
     assert finishes[0].cached_tokens > 0
-    assert engine.stats.cancelled == 2
+    assert engine.stats.cancelled == 3
 
 
 def test_chunked_prefill_lets_a_running_row_decode_between_chunks(tiny_chat):

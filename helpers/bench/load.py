@@ -167,21 +167,22 @@ def pause_during_long_prompt(url: str, model: str, streams: int = 3, tokens: int
         thread.start()
     warm.wait(timeout=600)
     t0 = time.perf_counter()
-    arrival = stream_chat(url, model, long_prompt(long_chars), 1, 0.0, requests.Session())
-    t1 = t0 + arrival.ttft
+    # A few tokens, not one: the window then also covers the new row joining the batch.
+    arrival = stream_chat(url, model, long_prompt(long_chars), 8, 0.0, requests.Session())
     for thread in threads:
         thread.join()
-    return _pauses([r.stamps for r in replies], t0, t1)
+    return {**_pauses([r.stamps for r in replies], t0, t0 + arrival.full),
+            "long_prompt_ttft": arrival.ttft}
 
 
 def _pauses(stamps: list[list[float]], t0: float, t1: float) -> dict[str, Any]:
-    """Median gap before ``t0``; the longest gap overlapping [t0, t1]."""
+    """Median gap before ``t0``; the longest gap overlapping [t0, t1] (the arrival's reply)."""
     before = [b - a for s in stamps for a, b in zip(s, s[1:], strict=False) if b < t0]
     during = [b - a for s in stamps for a, b in zip(s, s[1:], strict=False) if b >= t0 and a <= t1]
     median = _median(before)
     longest = max(during, default=0.0)
     return {"median_gap": median, "longest_pause": longest,
-            "ratio": longest / median if median else 0.0, "long_prompt_ttft": t1 - t0}
+            "ratio": longest / median if median else 0.0}
 
 
 def health_latency_during(url: str, work: Callable[[], Any]) -> tuple[Any, list[float]]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from helpers.chat import GenerationParams, Message, TokenBatchable
@@ -62,6 +62,7 @@ class BatchingEngine(Engine):
         self._mask: Any = None  # [batch, cache length] of the running rows
         self._group: PrefillGroup | None = None
         self._group_rows: list[Row] = []
+        self._ready: tuple[list[Row], Any, Any] | None = None  # prefilled, waiting to join
         forward_params = inspect.signature(self.model.forward).parameters
         self._keep_logits = "logits_to_keep" in forward_params
         # transformers 5 renamed forward's past_key_values to cache; Colab may have either.
@@ -126,16 +127,22 @@ class BatchingEngine(Engine):
             while (joining := self._next_work()) is not None:
                 if joining:
                     self._start_group(joining)
+                # A prefilled group joins in an iteration of its own: the join copies the whole
+                # batch's KV, and doing it after the last chunk would double that pause.
+                joined = self._ready is not None
+                if joined:
+                    self._guarded(self._join_ready, lambda: self._take_ready()[0])
                 if self._rows:
-                    self._guarded(self._decode_step)
-                if self._group is not None:
-                    self._guarded(self._prefill_chunk, group=True)
+                    self._guarded(self._decode_step, self._take_rows)
+                if self._group is not None and not joined:
+                    self._guarded(self._prefill_chunk, self._take_group)
             self._shut_down()
 
     def _next_work(self) -> list[_Pending] | None:
         """Wait for work; the newcomers to prefill next ([] if none or a group is running)."""
         with self._wake:
-            while not self._stopping and not self._pending and not self._rows and not self._group:
+            while not (self._stopping or self._pending or self._rows or self._group
+                       or self._ready):
                 self._wake.wait()
             if self._stopping:
                 return None
@@ -146,23 +153,29 @@ class BatchingEngine(Engine):
             self.stats.waiting = len(self._pending)
             return joining
 
-    def _guarded(self, work: Any, group: bool = False) -> None:
-        """Run one stage and send the new pieces; on failure lose only the rows it touched."""
+    def _guarded(self, work: Callable[[], None], lose: Callable[[], list[Row]]) -> None:
+        """Run one stage and send the new pieces; on failure fail only the rows ``lose`` takes."""
         try:
             work()
             self._emit_and_prune()
         except Exception as exc:  # e.g. out of memory; the loop lives on for the next requests
-            if group:
-                rows, self._group, self._group_rows = self._group_rows, None, []
-                self._fail(rows, exc)
-            else:
-                rows, self._rows, self._cache, self._mask = self._rows, [], None, None
-                self._fail(rows, exc)
+            self._fail(lose(), exc)
+
+    def _take_rows(self) -> list[Row]:
+        rows, self._rows, self._cache, self._mask = self._rows, [], None, None
+        return rows
+
+    def _take_group(self) -> list[Row]:
+        rows, self._group, self._group_rows = self._group_rows, None, []
+        return rows
+
+    def _take_ready(self) -> tuple[list[Row], Any, Any]:
+        ready, self._ready = self._ready, None
+        return ready if ready is not None else ([], None, None)
 
     def _shut_down(self) -> None:
         error = EngineStoppedError("the server is shutting down")
-        self._fail(self._rows + self._group_rows, error)
-        self._rows, self._group, self._group_rows = [], None, []
+        self._fail(self._take_rows() + self._take_group() + self._take_ready()[0], error)
         with self._wake:
             for stream, prompt_ids, _ in self._pending:
                 stream.close(Finish("error", len(prompt_ids), error=error))
@@ -219,19 +232,35 @@ class BatchingEngine(Engine):
                 return
             group.select(keep)
             rows = self._group_rows = [rows[i] for i in keep]
-        logits = group.step(self._forward, self.chunk_tokens)
+        # Chunks only protect running streams: with none, the whole prompt goes in one pass.
+        budget = self.chunk_tokens if self._rows else group.rows * group.width
+        logits = group.step(self._forward, budget)
         with self._lock:
             self.stats.prefill_chunks += 1
         if logits is None:
             return
         self._group, self._group_rows = None, []
         self._pick(rows, logits)
-        for i, r in enumerate(rows):
-            self._remember(r, group.cache, group.mask[i], i, len(r.prompt_ids))
+        for r in rows:
+            r.emit(self.eos)  # the first token goes out now; joining the batch comes next
         with self._lock:
             self.stats.prefills += 1
             self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in rows)
-        self._merge(rows, group.cache, group.mask)
+        self._ready = (rows, group.cache, group.mask)
+
+    def _join_ready(self) -> None:
+        """Store the prefilled prompts' blocks; rows that go on join the running batch."""
+        rows, cache, mask = self._take_ready()
+        for i, r in enumerate(rows):
+            self._remember(r, cache, mask[i], i, len(r.prompt_ids))
+        keep = [i for i, r in enumerate(rows) if r.finish_reason is None]
+        for r in rows:
+            if r.finish_reason is not None:  # one token was all it needed (or it ended at once)
+                self._finish(r)
+        if len(keep) < len(rows) and keep:
+            mask = keep_rows(cache, mask, keep)
+        if keep:
+            self._merge([rows[i] for i in keep], cache, mask)
 
     def _remember(self, r: Row, cache: Any, mask_row: Any, index: int, length: int) -> None:
         """Store the full blocks of this row's first ``length`` tokens (KV already computed)."""
@@ -293,7 +322,7 @@ class BatchingEngine(Engine):
                 self._finish(r)
         with self._lock:
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._rows))
-            self.stats.running = len(keep) + len(self._group_rows)
+            self.stats.running = len(keep) + len(self._group_rows) + len(self._ready[0] if self._ready else [])
         if len(keep) < len(self._rows):
             self._prune(keep)
 
@@ -318,7 +347,7 @@ class BatchingEngine(Engine):
     def _fail(self, rows: list[Row], exc: BaseException) -> None:
         with self._lock:
             self.stats.errors += len(rows)
-            self.stats.running = len(self._rows) + len(self._group_rows)
+            self.stats.running = len(self._rows) + len(self._group_rows) + len(self._ready[0] if self._ready else [])
         for r in rows:
             r.stream.close(Finish("error", len(r.prompt_ids), len(r.tokens), error=exc,
                                   cached_tokens=r.cached))

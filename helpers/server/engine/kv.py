@@ -14,24 +14,30 @@ from typing import Any
 
 def merge_rows(cache: Any, mask: Any, new_cache: Any, new_mask: Any) -> tuple[Any, Any]:
     """One batch from two: the shorter one is left-padded so both have one length."""
-    import torch
     from transformers import DynamicCache
 
     width = max(mask.shape[1], new_mask.shape[1])
-
-    def pad_left(t: Any) -> Any:
-        dim = -2 if t.dim() == 4 else -1
-        missing = width - t.shape[dim]
-        if missing == 0:
-            return t
-        shape = list(t.shape)
-        shape[dim] = missing
-        return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-    layers = [(torch.cat([pad_left(old.keys), pad_left(new.keys)]),
-               torch.cat([pad_left(old.values), pad_left(new.values)]))
+    layers = [(_stack_right(old.keys, new.keys, width), _stack_right(old.values, new.values, width))
               for old, new in zip(cache.layers, new_cache.layers, strict=True)]
-    return DynamicCache(ddp_cache_data=layers), torch.cat([pad_left(mask), pad_left(new_mask)])
+    return DynamicCache(ddp_cache_data=layers), _stack_right(mask, new_mask, width)
+
+
+def _stack_right(a: Any, b: Any, width: int) -> Any:
+    """``a`` over ``b`` (rows), each right-aligned in ``width`` columns, zeros on the left.
+
+    One allocation and one copy of each part: joining a long prompt's KV onto running rows
+    moves hundreds of MB, and pad-then-cat would move it twice.
+    """
+    dim = 2 if a.dim() == 4 else 1  # KV [rows, heads, columns, dim] or a mask [rows, columns]
+    shape = list(a.shape)
+    shape[0], shape[dim] = a.shape[0] + b.shape[0], width
+    out = a.new_empty(shape)
+    for part, rows in ((a, slice(0, a.shape[0])), (b, slice(a.shape[0], shape[0]))):
+        pad = width - part.shape[dim]
+        target = out[rows]
+        target.narrow(dim, 0, pad).zero_()
+        target.narrow(dim, pad, part.shape[dim]).copy_(part)
+    return out
 
 
 def keep_rows(cache: Any, mask: Any, keep: list[int]) -> Any:
@@ -50,9 +56,14 @@ def keep_rows(cache: Any, mask: Any, keep: list[int]) -> Any:
 
 def row_kv(cache: Any, mask_row: Any, row: int, start: int, end: int) -> Any:
     """KV ``[layers, 2, heads, end - start, dim]`` of tokens ``start:end`` of one batch row."""
-    import torch
-
     columns = mask_row.nonzero().squeeze(1)[start:end]
-    return torch.stack([torch.stack([layer.keys[row].index_select(1, columns),
-                                     layer.values[row].index_select(1, columns)])
-                        for layer in cache.layers])
+    first = cache.layers[0].keys
+    out = first.new_empty((len(cache.layers), 2, first.shape[1], len(columns), first.shape[3]))
+    contiguous = len(columns) > 0 and int(columns[-1] - columns[0]) + 1 == len(columns)
+    for n, layer in enumerate(cache.layers):
+        for k, part in enumerate((layer.keys[row], layer.values[row])):
+            if contiguous:  # the usual case: a slice, one copy
+                out[n, k].copy_(part[:, int(columns[0]):int(columns[0]) + len(columns)])
+            else:
+                out[n, k].copy_(part.index_select(1, columns))
+    return out
