@@ -127,14 +127,14 @@ class BatchingEngine(Engine):
             while (joining := self._next_work()) is not None:
                 if joining:
                     self._start_group(joining)
-                # A prefilled group joins in an iteration of its own: the join copies the whole
-                # batch's KV, and doing it after the last chunk would double that pause.
-                joined = self._ready is not None
-                if joined:
-                    self._guarded(self._join_ready, lambda: self._take_ready()[0])
-                if self._rows:
+                if self._rows:  # running streams first: their pieces go out before the rest
                     self._guarded(self._decode_step, self._take_rows)
-                if self._group is not None and not joined:
+                # A prefilled group joins in an iteration of its own, after a decode step: the
+                # join copies the whole batch's KV, and doing it right after the last chunk
+                # would add both to one pause of the running streams.
+                if self._ready is not None:
+                    self._guarded(self._join_ready, lambda: self._take_ready()[0])
+                elif self._group is not None:
                     self._guarded(self._prefill_chunk, self._take_group)
             self._shut_down()
 
