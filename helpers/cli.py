@@ -190,13 +190,17 @@ def bench(
     clients: Annotated[str, typer.Option(help="the two client counts compared, e.g. 1,8")] = "1,8",
     sweep: Annotated[str, typer.Option(help="client counts for the plot ('' = none)")] = "1,2,4,8,16",
     rounds: Annotated[int, typer.Option(help="requests per client in the headline runs")] = 2,
+    servers: Annotated[str, typer.Option(
+        help="our servers to run: dhllm,serial ('' = none)")] = "dhllm,serial",
     peers: Annotated[str, typer.Option(
-        help="transformers serve runs to compare: plain,cb ('' = none)")] = "plain,cb",
+        help="peers to compare, by name: plain,cb (transformers serve), vllm, dhllm-vllm")] = "plain,cb",
     builtin: Annotated[bool, typer.Option(help="also measure transformers' generate_batch")] = True,
+    turns: Annotated[int, typer.Option(help="turns of the persona conversation (0 = skip)")] = 8,
+    quick: Annotated[bool, typer.Option(help="a small, fast run (few tokens, 2 turns)")] = False,
     plot: Annotated[str, typer.Option(help="PNG to draw ('' = none)")] = "docs/images/throughput.png",
     json_out: Annotated[str | None, typer.Option("--json", help="also write the JSON here")] = None,
 ) -> None:
-    """Throughput with 1 vs 8 concurrent clients, against a serial server and transformers serve."""
+    """Throughput, first token / sentence, persona turns and pauses, against peer servers."""
     from pathlib import Path
 
     from helpers.bench import BenchConfig
@@ -205,12 +209,19 @@ def bench(
     def counts(text: str) -> tuple[int, ...]:
         return tuple(int(c) for c in text.split(",") if c.strip())
 
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(p.strip() for p in text.split(",") if p.strip())
+
     try:
-        cfg = BenchConfig(model=model or "embedded", tokens=tokens, clients=counts(clients),
-                          sweep=counts(sweep), rounds=rounds, builtin=builtin,
-                          peers=tuple(p.strip() for p in peers.split(",") if p.strip()),
-                          plot=Path(plot) if plot else None,
-                          json_path=Path(json_out) if json_out else None)
+        chosen = {"model": model or "embedded", "servers": names(servers), "peers": names(peers),
+                  "plot": Path(plot) if plot else None,
+                  "json_path": Path(json_out) if json_out else None}
+        if quick:
+            cfg = BenchConfig.quick(**chosen)
+        else:
+            cfg = BenchConfig(**chosen, tokens=tokens, clients=counts(clients),
+                              sweep=counts(sweep), rounds=rounds, builtin=builtin,
+                              persona_turns=turns)
     except ValueError as exc:
         _fail(f"client counts must be integers like 1,8: {exc}")
     run_bench(cfg)

@@ -3,6 +3,7 @@
 - ``get_completion(prompt)``: the chapter's one-liner against ``POST /``;
 - ``LinlyClient``: ``.chat(prompt, history)`` on ``POST /``, ``.stream(messages)`` on
   ``/v1/chat/completions`` (Server-Sent Events), ``.health()``;
+- ``iter_sse_data(lines)``: the ``data:`` payloads of a Server-Sent Events stream;
 - ``stream_sentences(chunks)``: regroup a text stream into whole sentences for text-to-speech;
 - ``curl_command(prompt, url, shell)``: the chapter's ``curl`` for bash, Windows cmd.exe or
   PowerShell, quoted so that the server receives exactly this JSON.
@@ -94,6 +95,14 @@ def _raise_for_status(response: requests.Response) -> None:
     raise ServerError(response.status_code, message, param)
 
 
+def iter_sse_data(lines: Iterable[bytes | str]) -> Iterator[str]:
+    """Each ``data:`` payload of a Server-Sent Events stream, as text (``[DONE]`` included)."""
+    for line in lines:
+        text = line.decode("utf-8") if isinstance(line, bytes) else line
+        if text.startswith("data:"):
+            yield text[5:].strip()
+
+
 def get_completion(prompt: str, url: str = DEFAULT_URL, **params: Any) -> str:
     """The chapter's ``get_completion``: POST the prompt, return ``response``."""
     headers = {"Content-Type": "application/json"}
@@ -142,11 +151,8 @@ class LinlyClient:
                                      stream=True, timeout=self.timeout)
         with response:
             _raise_for_status(response)
-            for line in response.iter_lines(decode_unicode=False):
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
+            for data in iter_sse_data(response.iter_lines(decode_unicode=False)):
+                if data == "[DONE]":
                     return
                 chunk = json.loads(data)
                 if "error" in chunk:

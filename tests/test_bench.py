@@ -6,18 +6,23 @@ import json
 
 from helpers.bench import BenchConfig, format_table, run_bench
 from helpers.cli import bind_warning
+from helpers.client import iter_sse_data
 
 
 def test_bench_runs_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     plot, out = tmp_path / "throughput.png", tmp_path / "bench.json"
-    cfg = BenchConfig(model=str(tiny_model_dir), tokens=4, rounds=1, clients=(1, 2),
-                      sweep=(1, 2), peers=(), builtin=True, plot=plot, json_path=out)
+    cfg = BenchConfig.quick(model=str(tiny_model_dir), tokens=4, sweep=(1, 2), builtin=True,
+                            plot=plot, json_path=out)
     report = run_bench(cfg, log=lambda _: None)
     results = report.results
+    assert not report.notes or all("plot" in n for n in report.notes), report.notes
     for key in ("ours", "serial"):
         assert results[key]["1"]["tokens"] > 0 and results[key]["2"]["tokens"] > 0
         assert results[key]["1"]["errors"] == results[key]["2"]["errors"] == 0
         assert results[key]["ratio"] > 0
+    persona, pause = results["ours"]["persona"], results["ours"]["pause"]
+    assert persona["turns"] == 2 and len(persona["ttft"]) == 2 and persona["first"] > 0
+    assert pause["median_gap"] > 0 and pause["longest_pause"] > 0 and pause["long_prompt_ttft"] > 0
     assert results["health_ms_under_load"]["samples"] >= 1
     assert results["overhead"]["direct_tokens_per_s"] > 0
     assert "ours_2" in results["offline_engines"]
@@ -26,6 +31,18 @@ def test_bench_runs_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     assert json.loads(out.read_text())["results"]["ours"]["ratio"] == results["ours"]["ratio"]
     table = format_table(report)
     assert "dhllm (continuous batching)" in table and "serial chapter-style" in table
+    assert "longest pause" in table and "first sentence" in table
+
+
+def test_first_sentence_is_when_a_tts_client_gets_one_and_sse_lines():
+    from helpers.bench.load import Reply, _add_piece
+
+    reply = Reply()
+    for at, piece in enumerate(["Pi is 3", ".14 today", ". And", " more"]):
+        _add_piece(reply, piece, float(at), None)
+    assert reply.first_sentence == 2.0  # "Pi is 3.14 today. " is whole once "And" starts
+    lines = [b"data: {\"a\": 1}", b"", b": comment", "data:[DONE]", b"event: x"]
+    assert list(iter_sse_data(lines)) == ['{"a": 1}', "[DONE]"]
 
 
 def test_serve_warns_on_an_open_bind_without_a_key():

@@ -54,6 +54,34 @@ def test_download_with_endpoint_after_huggingface_hub_import(
     assert mirror.stats.per_path[f"/{REPO}/resolve/main/{WEIGHTS}"] == before
 
 
+def test_hf_reads_the_metadata_we_record(mirror, tmp_path: Path) -> None:
+    """Pins huggingface_hub's private local-folder metadata (hub.resume.write_hf_metadata): what
+    our resumable fetch records, hf reads back as its own, so it neither re-hashes nor re-fetches."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub._local_folder import read_download_metadata
+
+    from helpers.hub.files import local_hash_cache
+    from helpers.hub.resume import fetch_resumable
+
+    api = HfApi(endpoint=mirror.url)
+    commit = api.repo_info(REPO).sha
+    [weights] = [f for f in api.list_repo_tree(REPO, recursive=True) if f.path == WEIGHTS]
+    path = tmp_path / "rec"
+    fetch_resumable(f"{mirror.url}/{REPO}/resolve/{commit}/{WEIGHTS}", path, WEIGHTS,
+                    weights.lfs.size, weights.lfs.sha256, commit, {}, False,
+                    local_hash_cache(path))
+    recorded = read_download_metadata(path, WEIGHTS)  # before hf has seen the folder
+    assert recorded is not None, "hf no longer reads the metadata we write"
+    assert (recorded.etag, recorded.commit_hash) == (weights.lfs.sha256, commit)
+
+    def weight_bytes() -> int:
+        return sum(n for p, n in mirror.stats.per_path.items() if p.endswith(WEIGHTS))
+
+    before = weight_bytes()
+    snapshot_download(REPO, local_dir=path, endpoint=mirror.url)
+    assert weight_bytes() == before
+
+
 def test_download_subset_with_allow_patterns(mirror, tmp_path: Path) -> None:
     path = download(
         REPO,

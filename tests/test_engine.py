@@ -75,15 +75,20 @@ def test_cancel_stops_one_row_without_disturbing_others(engine):
 
 def test_per_row_limits_stop_strings_and_seeds(engine):
     sampled = GenerationParams(max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=7)
-    streams = [
-        engine.submit(user("a"), GenerationParams(max_new_tokens=3, temperature=0)),
-        engine.submit(user("b"), sampled),
-        engine.submit(user("b"), sampled),
-        engine.submit(user("c"), GenerationParams(max_new_tokens=9, temperature=0.5, seed=1)),
+    requests = [
+        (user("a"), GenerationParams(max_new_tokens=3, temperature=0)),
+        (user("b"), sampled),
+        (user("b"), sampled),
+        (user("c"), GenerationParams(max_new_tokens=9, temperature=0.5, seed=1)),
     ]
+    alone = ["".join(engine.submit(m, p)) for m, p in requests]  # one at a time: the reference
+    streams = [engine.submit(m, p) for m, p in requests]
     texts = ["".join(s) for s in streams]
-    assert [s.finish.completion_tokens for s in streams][0] == 3
-    assert texts[1] == texts[2]  # one seed, one text, even side by side in a batch
+    assert engine.stats.max_batch_seen >= 2
+    assert [s.finish.completion_tokens for s in streams] == [3, 20, 20, 9]
+    # Seeded sampling inside a batch draws exactly what the same seed draws alone.
+    assert texts == alone
+    assert texts[1] == texts[2] and texts[3] and texts[3] != texts[1]
     # A stop string taken from a greedy reply cuts the reply just before it.
     full = "".join(engine.submit(user("d"), GREEDY))
     cut = full.strip().split()[1]

@@ -113,7 +113,7 @@ def _fetch_range(
 def write_hf_metadata(local_dir: Path, rel: str, commit: str, etag: str) -> None:
     """Record a file as ``hf download --local-dir`` does, so hf skips it next time."""
     # A private helper of huggingface_hub (no public API writes this record); the test
-    # test_hf_skips_files_we_record pins the behaviour. Without it hf re-hashes the file once.
+    # test_hf_reads_the_metadata_we_record pins the behaviour. Without it hf re-hashes the file once.
     try:
         from huggingface_hub._local_folder import write_download_metadata
     except ImportError:

@@ -1,0 +1,174 @@
+"""``dhllm bench``: what a digital human's users feel, for our server and its peers, in one run.
+
+Per server (each in its own process, started by name from ``peers.PEERS``): aggregate tokens/s
+for 1 and 8 concurrent streaming clients, time to first token and to the first whole sentence
+(what a TTS voice waits for), TTFT at turn 1 and turn 8 of a conversation with a ~600-token
+persona (prefix reuse), and the longest pause of 3 running streams while a ~1500-token prompt
+arrives, against their median gap between tokens (chunked prefill). Also: the server's overhead
+against calling the model directly, ``/health`` latency under load, transformers'
+``generate_batch`` against our engine, and a plot of tokens/s against 1..16 clients. Absolute
+numbers depend on the machine's load: compare within one run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from helpers.bench.load import (
+    LoadResult,
+    health_latency_during,
+    pause_during_long_prompt,
+    percentile,
+    persona_ttft,
+    run_load,
+)
+from helpers.bench.offline import direct_tokens_per_s, offline_engines
+from helpers.bench.peers import PEERS, Handle, Peer, PeerRequest, ServerProcess, free_port
+from helpers.bench.report import format_table, plot_sweep
+
+__all__ = [
+    "PEERS", "BenchConfig", "BenchReport", "Handle", "LoadResult", "Peer", "PeerRequest",
+    "ServerProcess", "format_table", "free_port", "main", "run_bench",
+    "run_load",
+]
+
+
+@dataclass
+class BenchConfig:
+    """What to run; the defaults are the full benchmark (several minutes on a 2-core CPU)."""
+
+    model: str = "embedded"
+    tokens: int = 48
+    temperature: float = 0.7
+    rounds: int = 2
+    clients: Sequence[int] = (1, 8)
+    sweep: Sequence[int] = (1, 2, 4, 8, 16)
+    servers: Sequence[str] = ("dhllm", "serial")  # names in PEERS; "dhllm" gets the extras
+    peers: Sequence[str] = ("plain", "cb")  # more names in PEERS, e.g. "vllm", "dhllm-vllm"
+    builtin: bool = True
+    persona_turns: int = 8  # 0 = skip the conversation
+    pause_chars: int = 6000  # the arriving prompt (~1500 tokens); 0 = skip the pause test
+    pause_tokens: int = 128  # tokens each running stream asks for
+    plot: Path | None = Path("docs/images/throughput.png")
+    json_path: Path | None = None
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> BenchConfig:
+        """A small run (tests, a first look): few tokens, 2 turns, a short arriving prompt."""
+        small: dict[str, Any] = {"tokens": 8, "rounds": 1, "clients": (1, 2), "sweep": (),
+                                 "peers": (), "builtin": False, "persona_turns": 2,
+                                 "pause_chars": 800, "pause_tokens": 24, "plot": None}
+        return cls(**{**small, **overrides})
+
+
+@dataclass
+class BenchReport:
+    config: dict[str, Any]
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def measure(handle: Handle, cfg: BenchConfig, latency: bool = True) -> dict[str, Any]:
+    """Throughput for each client count, and (``latency``) the persona and pause figures."""
+    url, model = handle.url, handle.model
+    run_load(url, 1, 1, min(cfg.tokens, 8), 0.7, model)  # warm-up
+    out: dict[str, Any] = {}
+    for n in cfg.clients:
+        result = run_load(url, n, cfg.rounds, cfg.tokens, cfg.temperature, model)
+        out[str(n)] = {**asdict(result), "tokens_per_s": result.tokens_per_s}
+    low, high = str(min(cfg.clients)), str(max(cfg.clients))
+    out["ratio"] = out[high]["tokens_per_s"] / max(out[low]["tokens_per_s"], 1e-9)
+    if latency and cfg.persona_turns:
+        out["persona"] = persona_ttft(url, model, cfg.persona_turns, cfg.tokens)
+    if latency and cfg.pause_chars:
+        out["pause"] = pause_during_long_prompt(url, model, 3, cfg.pause_tokens, cfg.pause_chars)
+    return out
+
+
+def _ours_extras(handle: Handle, cfg: BenchConfig, results: dict[str, Any]) -> dict[int, float]:
+    """``/health`` latency while the most clients generate, then the sweep."""
+    top = max(cfg.clients)
+    _, latencies = health_latency_during(handle.url, lambda: run_load(
+        handle.url, top, 1, cfg.tokens, cfg.temperature, handle.model))
+    results["health_ms_under_load"] = {
+        "clients": top, "p50": percentile(latencies, 50) * 1000,
+        "p99": percentile(latencies, 99) * 1000, "samples": len(latencies)}
+    return {n: run_load(handle.url, n, 1, cfg.tokens, cfg.temperature, handle.model).tokens_per_s
+            for n in cfg.sweep}
+
+
+def run_server(name: str, req: PeerRequest, cfg: BenchConfig, report: BenchReport,
+               log: Callable[[str], None]) -> dict[int, float]:
+    """Start one registered server, measure it, stop it; a peer that fails becomes a note."""
+    peer = PEERS.get(name)
+    if peer is None:
+        report.notes.append(f"{name}: no such peer (known: {', '.join(PEERS)})")
+        return {}
+    log(f"{peer.label} ...")
+    sweep: dict[int, float] = {}
+    handle = None
+    try:
+        handle = peer.start(req).wait(600)  # vLLM peers compile for ~60-95 s
+        report.results[peer.key] = measure(handle, cfg, latency=name != "serial")
+        if name in ("dhllm", "serial"):
+            if name == "dhllm":
+                sweep = _ours_extras(handle, cfg, report.results)
+            else:
+                sweep = {n: run_load(handle.url, n, 1, cfg.tokens, cfg.temperature,
+                                     handle.model).tokens_per_s for n in cfg.sweep}
+    except Exception as exc:  # a peer that cannot run is reported, not fatal
+        report.notes.append(f"{peer.key}: could not run: {type(exc).__name__}: {exc}")
+    finally:
+        if handle is not None:
+            handle.stop()
+    return sweep
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchReport:
+    """Run everything ``cfg`` asks for; return the figures (also printed by ``main``)."""
+    from helpers.chat import TransformersChat
+
+    report = BenchReport(config={k: (list(v) if isinstance(v, tuple) else str(v)
+                                     if isinstance(v, Path) else v)
+                                 for k, v in asdict(cfg).items()})
+    log(f"loading {cfg.model} ...")
+    chat = TransformersChat.load(cfg.model, verbose=False)
+    model_dir = str(getattr(chat.model, "name_or_path", "") or cfg.model)
+    req = PeerRequest(cfg.model, model_dir, chat.name, cfg.tokens)
+    results = report.results
+    log("direct model.generate (no server) ...")
+    direct = direct_tokens_per_s(chat, cfg.tokens, cfg.temperature)
+    sweeps = {name: run_server(name, req, cfg, report, log)
+              for name in [*cfg.servers, *cfg.peers]}
+    if "ours" in results:
+        one = results["ours"][str(min(cfg.clients))]["tokens_per_s"]
+        results["overhead"] = {"direct_tokens_per_s": direct,
+                               "server_1_client_tokens_per_s": one,
+                               "server_vs_direct": one / direct if direct else 0.0}
+    if cfg.sweep:
+        results["sweep"] = {"clients": list(cfg.sweep),
+                            **{PEERS[n].key: [sweeps[n].get(c, 0.0) for c in cfg.sweep]
+                               for n in ("dhllm", "serial") if sweeps.get(n)}}
+    if cfg.builtin:
+        log("offline: transformers generate_batch vs our engine ...")
+        results["offline_engines"] = offline_engines(chat, max(cfg.clients), cfg.tokens,
+                                                     cfg.temperature)
+    if cfg.plot and results.get("sweep"):
+        plot_sweep(results["sweep"], cfg.plot, chat.name)
+        report.notes.append(f"plot written to {cfg.plot}")
+    if cfg.json_path:
+        cfg.json_path.write_text(json.dumps(asdict(report), indent=2), encoding="utf-8")
+    return report
+
+
+def main(cfg: BenchConfig) -> BenchReport:
+    """Run, then print the table and the JSON of the same run."""
+    report = run_bench(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_table(report))
+    print(json.dumps(asdict(report), indent=2))
+    return report

@@ -1,0 +1,89 @@
+"""The bench's output: one table of headline figures per server, and the throughput plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from helpers.bench.peers import PEERS
+
+
+def _row(label: str, r: dict[str, Any], low: str, high: str) -> str:
+    one, many = r.get(low, {}), r.get(high, {})
+    cells = [f"{one.get('tokens_per_s', 0):.1f}", f"{many.get('tokens_per_s', 0):.1f}",
+             f"{r.get('ratio', 0):.2f}x", f"{one.get('ttft_p50', 0) * 1000:.0f} ms",
+             f"{one.get('first_sentence_p50', 0) * 1000:.0f} ms"]
+    persona = r.get("persona")
+    cells.append(f"{persona['first'] * 1000:.0f} -> {persona['last'] * 1000:.0f} ms"
+                 if persona else "-")
+    pause = r.get("pause")
+    cells.append(f"{pause['longest_pause'] * 1000:.0f} / {pause['median_gap'] * 1000:.0f} ms "
+                 f"({pause['ratio']:.1f}x)" if pause else "-")
+    return "| " + " | ".join([label, *cells]) + " |"
+
+
+def format_table(report: Any) -> str:
+    """The headline figures as a Markdown table, then the other findings as lines."""
+    r = report.results
+    clients = report.config.get("clients") or [1, 8]
+    low, high = str(min(clients)), str(max(clients))
+    lines = [f"| server | {low} client tok/s | {high} clients tok/s | {high} vs {low} | "
+             "TTFT short | first sentence | TTFT turn 1 -> last | longest pause / median gap |",
+             "|---|---|---|---|---|---|---|---|"]
+    labels = {peer.key: peer.label for peer in PEERS.values()}
+    for key, row in r.items():
+        if key in labels or key.startswith("peer:"):
+            lines.append(_row(labels.get(key, key), row, low, high))
+    lines += _details(r, low)
+    lines += [f"note: {n}" for n in report.notes]
+    return "\n".join(lines)
+
+
+def _details(r: dict[str, Any], low: str) -> list[str]:
+    lines = []
+    if "overhead" in r:
+        o = r["overhead"]
+        lines.append(f"direct model.generate, 1 stream: {o['direct_tokens_per_s']:.1f} tokens/s; "
+                     f"through the server: {o['server_vs_direct']:.2f}x of it")
+    if "ours" in r and low in r["ours"]:
+        lines.append(f"dhllm full reply ({low} client): {r['ours'][low]['full_p50']:.2f} s")
+    if "health_ms_under_load" in r:
+        h = r["health_ms_under_load"]
+        lines.append(f"/health while {h['clients']} clients generate: p50 {h['p50']:.1f} ms, "
+                     f"p99 {h['p99']:.1f} ms ({h['samples']} probes)")
+    if "offline_engines" in r:
+        lines.append("offline engines (tokens/s): " + ", ".join(
+            f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in r["offline_engines"].items()))
+    if "sweep" in r:
+        s = r["sweep"]
+        lines.append("sweep clients " + " ".join(f"{c:>7}" for c in s["clients"]))
+        for key in ("ours", "serial"):
+            if s.get(key):
+                lines.append(f"  {key:<11} " + " ".join(f"{v:>7.1f}" for v in s[key]))
+    return lines
+
+
+def plot_sweep(sweep: dict[str, list], path: Path, model: str) -> None:
+    """Aggregate tokens/s against concurrent clients, ours and the serial server."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    if sweep.get("ours"):
+        ax.plot(sweep["clients"], sweep["ours"], "o-", label="dhllm (continuous batching)")
+    if sweep.get("serial"):
+        ax.plot(sweep["clients"], sweep["serial"], "s--", label="serial (chapter-style)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sweep["clients"], [str(c) for c in sweep["clients"]])
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_title(f"{Path(model).name}: throughput vs concurrency (one run)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
