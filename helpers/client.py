@@ -4,7 +4,6 @@
 - ``LinlyClient``: ``.chat(prompt, history)`` on ``POST /``, ``.stream(messages)`` on
   ``/v1/chat/completions`` (Server-Sent Events), ``.health()``;
 - ``iter_sse_data(lines)``: the ``data:`` payloads of a Server-Sent Events stream;
-- ``stream_sentences(chunks)``: regroup a text stream into whole sentences for text-to-speech;
 - ``curl_command(prompt, url, shell)``: the chapter's ``curl`` for bash, Windows cmd.exe or
   PowerShell, quoted so that the server receives exactly this JSON.
 """
@@ -172,26 +171,3 @@ class LinlyClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# A sentence ends at Chinese or English end punctuation (with any closing quotes/brackets after
-# it), at a newline, or at an English full stop followed by whitespace.
-_SENTENCE_END = re.compile(r"(?:[。！？!?…]+[”’\"')）》」』]*|\n+|\.(?=\s))")
-
-
-def stream_sentences(chunks: Iterable[str]) -> Iterator[str]:
-    """Regroup text pieces into whole sentences (for TTS); the unfinished rest comes last."""
-    buffer = ""
-    for chunk in chunks:
-        buffer += chunk
-        while True:
-            match = _SENTENCE_END.search(buffer)
-            # Punctuation at the very end may still grow ("!" + "!", "…" + "…", a closing quote).
-            if match is None or (match.end() == len(buffer) and match.group()[0] != "\n"):
-                break
-            sentence, buffer = buffer[: match.end()], buffer[match.end():]
-            sentence = sentence.strip()
-            if sentence:
-                yield sentence
-    if buffer.strip():
-        yield buffer.strip()

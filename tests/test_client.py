@@ -1,4 +1,4 @@
-"""helpers.client against a real server on 127.0.0.1, and stream_sentences."""
+"""helpers.client against a real server on 127.0.0.1 (sentences for TTS: tests/test_speech.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.client import LinlyClient, ServerError, get_completion, stream_sentences
+from helpers.client import LinlyClient, ServerError, get_completion
 from helpers.server import ServerHandle, serve_in_background
 from tests.conftest import free_port
 
@@ -54,27 +54,6 @@ def test_client_never_imports_the_server():
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not {m for m in imported if m and m.startswith("helpers")}
-
-
-@pytest.mark.parametrize(("chunks", "sentences"), [
-    (["你好", "。今天天气", "很好！！", "真的吗？", "好"], ["你好。", "今天天气很好！！", "真的吗？", "好"]),
-    (["“是的。", "”然后"], ["“是的。”", "然后"]),
-    (["第一行\n", "\n第二行…", "…结束"], ["第一行", "第二行……", "结束"]),
-    (["Hello world. How", " are you? Fine", "!"], ["Hello world.", "How are you?", "Fine!"]),
-    (["It costs 3.5 dollars. OK"], ["It costs 3.5 dollars.", "OK"]),
-    ([], []),
-    (["  ", "\n"], []),
-])
-def test_stream_sentences(chunks, sentences):
-    assert list(stream_sentences(iter(chunks))) == sentences
-
-
-def test_stream_sentences_yields_before_the_stream_ends():
-    def slow() -> Iterator[str]:
-        yield "第一句。第二"
-        raise AssertionError("read too far: the first sentence should be out already")
-
-    assert next(stream_sentences(slow())) == "第一句。"
 
 
 # The chapter's curl for three shells: parse each string back the way that shell would (for
