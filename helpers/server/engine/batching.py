@@ -23,7 +23,7 @@ from typing import Any
 from helpers.chat import GenerationParams, Message, TokenBatchable
 from helpers.config import DEFAULT_PREFILL_CHUNK_TOKENS, DEFAULT_PREFIX_CACHE_MB
 from helpers.server.engine.base import Engine, EngineStoppedError, Finish, QueueFullError, Stream
-from helpers.server.engine.kv import keep_rows, merge_rows, row_kv
+from helpers.server.engine.kv import keep_rows, kv_tensors, merge_rows, row_kv
 from helpers.server.engine.prefill import PrefillGroup
 from helpers.server.engine.prefix_cache import PrefixCache, reusable
 from helpers.server.engine.rows import Row
@@ -63,6 +63,7 @@ class BatchingEngine(Engine):
         self._group: PrefillGroup | None = None
         self._group_rows: list[Row] = []
         self._ready: tuple[list[Row], Any, Any] | None = None  # prefilled, waiting to join
+        self._to_store: list[tuple[Row, list[tuple[Any, Any]], Any, int, int]] = []  # joined, blocks not yet kept
         forward_params = inspect.signature(self.model.forward).parameters
         self._keep_logits = "logits_to_keep" in forward_params
         # transformers 5 renamed forward's past_key_values to cache; Colab may have either.
@@ -134,6 +135,8 @@ class BatchingEngine(Engine):
                 # would add both to one pause of the running streams.
                 if self._ready is not None:
                     self._guarded(self._join_ready, lambda: self._take_ready()[0])
+                elif self._to_store:  # copying a long prompt's blocks is a stage of its own too
+                    self._guarded(self._store_prompts, list)
                 elif self._group is not None:
                     self._guarded(self._prefill_chunk, self._take_group)
             self._shut_down()
@@ -142,13 +145,13 @@ class BatchingEngine(Engine):
         """Wait for work; the newcomers to prefill next ([] if none or a group is running)."""
         with self._wake:
             while not (self._stopping or self._pending or self._rows or self._group
-                       or self._ready):
+                       or self._ready or self._to_store):
                 self._wake.wait()
             if self._stopping:
                 return None
             if self._group is not None:
                 return []  # newcomers wait: one prefill group at a time
-            room = self.max_batch_size - len(self._rows)
+            room = self.max_batch_size - len(self._rows) - len(self._ready[0] if self._ready else [])
             joining = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
             self.stats.waiting = len(self._pending)
             return joining
@@ -251,8 +254,9 @@ class BatchingEngine(Engine):
     def _join_ready(self) -> None:
         """Store the prefilled prompts' blocks; rows that go on join the running batch."""
         rows, cache, mask = self._take_ready()
-        for i, r in enumerate(rows):
-            self._remember(r, cache, mask[i], i, len(r.prompt_ids))
+        if self.prefix_cache is not None:  # stored next iteration, from the group's own KV
+            kv = kv_tensors(cache)  # tensors are never changed in place: a stable snapshot
+            self._to_store = [(r, kv, mask[i], i, len(r.prompt_ids)) for i, r in enumerate(rows)]
         keep = [i for i, r in enumerate(rows) if r.finish_reason is None]
         for r in rows:
             if r.finish_reason is not None:  # one token was all it needed (or it ended at once)
@@ -262,12 +266,19 @@ class BatchingEngine(Engine):
         if keep:
             self._merge([rows[i] for i in keep], cache, mask)
 
-    def _remember(self, r: Row, cache: Any, mask_row: Any, index: int, length: int) -> None:
+    def _store_prompts(self) -> None:
+        """Keep the blocks of the prompts that joined last iteration."""
+        to_store, self._to_store = self._to_store, []
+        for item in to_store:
+            self._remember(*item)
+
+    def _remember(self, r: Row, kv: list[tuple[Any, Any]], mask_row: Any, index: int,
+                  length: int) -> None:
         """Store the full blocks of this row's first ``length`` tokens (KV already computed)."""
         if self.prefix_cache is None:
             return
         ids = (r.prompt_ids + r.tokens)[:length]
-        self.prefix_cache.store(ids, lambda a, b: row_kv(cache, mask_row, index, a, b))
+        self.prefix_cache.store(ids, lambda a, b: row_kv(kv, mask_row, index, a, b))
         with self._lock:
             self.stats.cache_bytes = self.prefix_cache.bytes
             self.stats.cache_blocks = len(self.prefix_cache)
@@ -318,7 +329,7 @@ class BatchingEngine(Engine):
             if r.finish_reason is None:
                 keep.append(i)
             else:
-                self._remember(r, self._cache, self._mask[i], i, r.position)
+                self._remember(r, kv_tensors(self._cache), self._mask[i], i, r.position)
                 self._finish(r)
         with self._lock:
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._rows))
