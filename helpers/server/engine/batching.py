@@ -230,7 +230,8 @@ class BatchingEngine(Admission, Engine):
                 self._finish(r)
         with self._lock:
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._rows))
-            self.stats.running = len(keep) + len(self._group_rows) + len(self._ready[0] if self._ready else [])
+            self.stats.running = len(keep)
+            self.stats.prefilling = len(self._group_rows) + len(self._ready[0] if self._ready else [])
         if len(keep) < len(self._rows):
             self._prune(keep)
 
@@ -255,7 +256,8 @@ class BatchingEngine(Admission, Engine):
     def _fail(self, rows: list[Row], exc: BaseException) -> None:
         with self._lock:
             self.stats.errors += len(rows)
-            self.stats.running = len(self._rows) + len(self._group_rows) + len(self._ready[0] if self._ready else [])
+            self.stats.running = len(self._rows)
+            self.stats.prefilling = len(self._group_rows) + len(self._ready[0] if self._ready else [])
         for r in rows:
             r.stream.close(Finish("error", len(r.prompt_ids), len(r.tokens), error=exc,
                                   cached_tokens=r.cached))
