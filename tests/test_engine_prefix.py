@@ -147,7 +147,7 @@ def test_cancelled_requests_leave_the_cache_consistent(tiny_chat):
     engine = started(tiny_chat, prefill_chunk_tokens=8)
     try:
         runner = engine.submit(RUNNER, LONG)  # running rows make prefills go in chunks
-        wait_for(lambda: engine.stats.decode_steps > 0)  # joined the batch: its blocks stored
+        wait_for(lambda: engine.stats.cache_blocks > 0)  # running, its prompt's blocks stored
         blocks = engine.stats.cache_blocks  # the runner's own prompt
         # Cancelled between prefill chunks: its partial KV must never be stored.
         chunks = engine.stats.prefill_chunks

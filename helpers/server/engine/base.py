@@ -134,7 +134,8 @@ class EngineStats:
     # streams kept producing tokens during a long prompt's prefill.
     decode_steps_during_prefill: int = 0
     max_batch_seen: int = 0
-    running: int = 0
+    running: int = 0  # rows in the decode batch
+    prefilling: int = 0  # rows admitted, their prompt still being prefilled
     waiting: int = 0
     # Prefix (KV) cache.
     cache_hits: int = 0  # requests that reused at least one cached block

@@ -22,17 +22,16 @@ from typing import Any
 
 from helpers.chat import GenerationParams, Message, TokenBatchable
 from helpers.config import DEFAULT_PREFILL_CHUNK_TOKENS, DEFAULT_PREFIX_CACHE_MB
+from helpers.server.engine.admission import Admission, Pending
 from helpers.server.engine.base import Engine, EngineStoppedError, Finish, QueueFullError, Stream
-from helpers.server.engine.kv import keep_rows, merge_rows, row_kv
+from helpers.server.engine.kv import keep_rows, kv_tensors
 from helpers.server.engine.prefill import PrefillGroup
 from helpers.server.engine.prefix_cache import PrefixCache, reusable
 from helpers.server.engine.rows import Row
 from helpers.server.engine.sampling import pick_tokens
 
-_Pending = tuple[Stream, list[int], GenerationParams]
 
-
-class BatchingEngine(Engine):
+class BatchingEngine(Admission, Engine):
     """One worker thread; requests join the running batch between decode steps."""
 
     kind = "continuous-batching"
@@ -53,7 +52,7 @@ class BatchingEngine(Engine):
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
         self.prefix_cache = (PrefixCache(prefix_cache_mb * 2**20)
                              if prefix_cache_mb > 0 and reusable(self.model.config) else None)
-        self._pending: deque[_Pending] = deque()
+        self._pending: deque[Pending] = deque()
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -63,6 +62,7 @@ class BatchingEngine(Engine):
         self._group: PrefillGroup | None = None
         self._group_rows: list[Row] = []
         self._ready: tuple[list[Row], Any, Any] | None = None  # prefilled, waiting to join
+        self._to_store: list[tuple[Row, list[tuple[Any, Any]], Any, int, int]] = []  # joined, blocks not yet kept
         forward_params = inspect.signature(self.model.forward).parameters
         self._keep_logits = "logits_to_keep" in forward_params
         # transformers 5 renamed forward's past_key_values to cache; Colab may have either.
@@ -134,21 +134,23 @@ class BatchingEngine(Engine):
                 # would add both to one pause of the running streams.
                 if self._ready is not None:
                     self._guarded(self._join_ready, lambda: self._take_ready()[0])
+                elif self._to_store:  # copying a long prompt's blocks is a stage of its own too
+                    self._guarded(self._store_prompts, list)
                 elif self._group is not None:
                     self._guarded(self._prefill_chunk, self._take_group)
             self._shut_down()
 
-    def _next_work(self) -> list[_Pending] | None:
+    def _next_work(self) -> list[Pending] | None:
         """Wait for work; the newcomers to prefill next ([] if none or a group is running)."""
         with self._wake:
             while not (self._stopping or self._pending or self._rows or self._group
-                       or self._ready):
+                       or self._ready or self._to_store):
                 self._wake.wait()
             if self._stopping:
                 return None
             if self._group is not None:
                 return []  # newcomers wait: one prefill group at a time
-            room = self.max_batch_size - len(self._rows)
+            room = self.max_batch_size - len(self._rows) - len(self._ready[0] if self._ready else [])
             joining = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
             self.stats.waiting = len(self._pending)
             return joining
@@ -187,100 +189,6 @@ class BatchingEngine(Engine):
                          use_cache=True, **{self._cache_kwarg: cache}, **kwargs)
         return out.logits[:, -1, :].float()
 
-    # Prefill: newcomers start from their cached prefix and are prefilled chunk by chunk.
-
-    def _start_group(self, joining: list[_Pending]) -> None:
-        """Turn live newcomers into rows, look up their cached prefixes, open a prefill group."""
-        rows = []
-        for stream, ids, params in joining:
-            if stream.cancelled.is_set():  # gone while waiting: spend no prefill on it
-                self._count("cancelled")
-                stream.close(Finish("cancelled", len(ids)))
-            else:
-                rows.append(Row.new(stream, ids, params, self.batchable, self.model.device))
-        if not rows:
-            return
-        try:
-            cached = [self._lookup(r) for r in rows]
-            self._group = PrefillGroup([r.prompt_ids for r in rows], cached, self.pad_id,
-                                       self.model.device)
-            self._group_rows = rows
-        except Exception as exc:  # fail the newcomers only
-            self._fail(rows, exc)
-
-    def _lookup(self, row: Row) -> tuple[int, Any]:
-        if self.prefix_cache is None:
-            return 0, None
-        row.cached, kv = self.prefix_cache.lookup(row.prompt_ids)
-        if row.cached:
-            with self._lock:
-                self.stats.cache_hits += 1
-                self.stats.cached_tokens += row.cached
-        return row.cached, kv
-
-    def _prefill_chunk(self) -> None:
-        """One chunk of the group's prefill; when it is the last, the group joins the batch."""
-        group, rows = self._group, self._group_rows
-        assert group is not None
-        keep = [i for i, r in enumerate(rows) if not r.stream.cancelled.is_set()]
-        if len(keep) < len(rows):  # cancelled mid-prefill: their partial KV is never stored
-            for r in (r for i, r in enumerate(rows) if i not in keep):
-                r.finish_reason = "cancelled"
-                self._finish(r)
-            if not keep:
-                self._group, self._group_rows = None, []
-                return
-            group.select(keep)
-            rows = self._group_rows = [rows[i] for i in keep]
-        # Chunks only protect running streams: with none, the whole prompt goes in one pass.
-        budget = self.chunk_tokens if self._rows else group.rows * group.width
-        logits = group.step(self._forward, budget)
-        with self._lock:
-            self.stats.prefill_chunks += 1
-        if logits is None:
-            return
-        self._group, self._group_rows = None, []
-        self._pick(rows, logits)
-        for r in rows:
-            r.emit(self.eos)  # the first token goes out now; joining the batch comes next
-        with self._lock:
-            self.stats.prefills += 1
-            self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in rows)
-        self._ready = (rows, group.cache, group.mask)
-
-    def _join_ready(self) -> None:
-        """Store the prefilled prompts' blocks; rows that go on join the running batch."""
-        rows, cache, mask = self._take_ready()
-        for i, r in enumerate(rows):
-            self._remember(r, cache, mask[i], i, len(r.prompt_ids))
-        keep = [i for i, r in enumerate(rows) if r.finish_reason is None]
-        for r in rows:
-            if r.finish_reason is not None:  # one token was all it needed (or it ended at once)
-                self._finish(r)
-        if len(keep) < len(rows) and keep:
-            mask = keep_rows(cache, mask, keep)
-        if keep:
-            self._merge([rows[i] for i in keep], cache, mask)
-
-    def _remember(self, r: Row, cache: Any, mask_row: Any, index: int, length: int) -> None:
-        """Store the full blocks of this row's first ``length`` tokens (KV already computed)."""
-        if self.prefix_cache is None:
-            return
-        ids = (r.prompt_ids + r.tokens)[:length]
-        self.prefix_cache.store(ids, lambda a, b: row_kv(cache, mask_row, index, a, b))
-        with self._lock:
-            self.stats.cache_bytes = self.prefix_cache.bytes
-            self.stats.cache_blocks = len(self.prefix_cache)
-            self.stats.cache_evictions = self.prefix_cache.evictions
-
-    def _merge(self, rows: list[Row], cache: Any, mask: Any) -> None:
-        """Append new rows to the running batch."""
-        if not self._rows:
-            self._rows, self._cache, self._mask = rows, cache, mask
-            return
-        self._cache, self._mask = merge_rows(self._cache, self._mask, cache, mask)
-        self._rows = self._rows + rows
-
     # Decode.
 
     def _decode_step(self) -> None:
@@ -318,11 +226,12 @@ class BatchingEngine(Engine):
             if r.finish_reason is None:
                 keep.append(i)
             else:
-                self._remember(r, self._cache, self._mask[i], i, r.position)
+                self._remember(r, kv_tensors(self._cache), self._mask[i], i, r.position)
                 self._finish(r)
         with self._lock:
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._rows))
-            self.stats.running = len(keep) + len(self._group_rows) + len(self._ready[0] if self._ready else [])
+            self.stats.running = len(keep)
+            self.stats.prefilling = len(self._group_rows) + len(self._ready[0] if self._ready else [])
         if len(keep) < len(self._rows):
             self._prune(keep)
 
@@ -347,7 +256,8 @@ class BatchingEngine(Engine):
     def _fail(self, rows: list[Row], exc: BaseException) -> None:
         with self._lock:
             self.stats.errors += len(rows)
-            self.stats.running = len(self._rows) + len(self._group_rows) + len(self._ready[0] if self._ready else [])
+            self.stats.running = len(self._rows)
+            self.stats.prefilling = len(self._group_rows) + len(self._ready[0] if self._ready else [])
         for r in rows:
             r.stream.close(Finish("error", len(r.prompt_ids), len(r.tokens), error=exc,
                                   cached_tokens=r.cached))

@@ -54,14 +54,19 @@ def keep_rows(cache: Any, mask: Any, keep: list[int]) -> Any:
     return mask[:, first:]
 
 
-def row_kv(cache: Any, mask_row: Any, row: int, start: int, end: int) -> Any:
+def kv_tensors(cache: Any) -> list[tuple[Any, Any]]:
+    """Each layer's (keys, values) tensors as they are now."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def row_kv(kv: list[tuple[Any, Any]], mask_row: Any, row: int, start: int, end: int) -> Any:
     """KV ``[layers, 2, heads, end - start, dim]`` of tokens ``start:end`` of one batch row."""
     columns = mask_row.nonzero().squeeze(1)[start:end]
-    first = cache.layers[0].keys
-    out = first.new_empty((len(cache.layers), 2, first.shape[1], len(columns), first.shape[3]))
+    first = kv[0][0]
+    out = first.new_empty((len(kv), 2, first.shape[1], len(columns), first.shape[3]))
     contiguous = len(columns) > 0 and int(columns[-1] - columns[0]) + 1 == len(columns)
-    for n, layer in enumerate(cache.layers):
-        for k, part in enumerate((layer.keys[row], layer.values[row])):
+    for n, (keys, values) in enumerate(kv):
+        for k, part in enumerate((keys[row], values[row])):
             if contiguous:  # the usual case: a slice, one copy
                 out[n, k].copy_(part[:, int(columns[0]):int(columns[0]) + len(columns)])
             else:
