@@ -17,7 +17,7 @@ COMMANDS = {  # each command's own one-line help, as typer lists it
     ("chat",): "Chat with a model",
     ("serve",): "Serve a model",
     ("download",): "Download a model",
-    ("bench",): "Throughput with 1 vs 8",
+    ("bench",): "Throughput, first token / sentence",
     ("mirror", "serve"): "Serve DIR so",
     ("mirror", "add"): "Fill the mirror",
 }

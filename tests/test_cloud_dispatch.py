@@ -66,7 +66,7 @@ def test_gemini_spec_and_options_pass_through() -> None:
                           timeout=5.0)
     assert isinstance(chat, GeminiChat)
     assert (chat.model, chat.name, chat.timeout) == ("gemini-2.5-pro", "gemini:gemini-2.5-pro", 5)
-    assert chat.thinking_budget is None  # 2.5 pro cannot switch thinking off
+    assert chat.thinking == {}  # 2.5 pro cannot switch thinking off: its own default
     assert get_chat_model("gemini").model == "gemini-3.5-flash"
     openai_chat = get_chat_model("openai:gpt-4o-mini", timeout=7.5, max_retries=1)
     assert (openai_chat.client.timeout, openai_chat.client.max_retries) == (7.5, 1)

@@ -57,10 +57,8 @@ def test_a_conversation_reuses_its_prefix_over_http(tiny_chat: TransformersChat,
         after = stats(handle.url)
     assert after_one["cache_hits"] == 0 and after_one["cache_blocks"] > 0
     assert after["cached_tokens"] > 0 and after["cache_hits"] >= 2
-    # The same conversation on a server with the cache off gives the same answers. The app
-    # reads DHLLM_PREFIX_CACHE_MB through the engine's settings; serve_in_background's keyword
-    # is passed as well, for when the app hands its settings to the engine.
-    monkeypatch.setenv("DHLLM_PREFIX_CACHE_MB", "0")
+    # The same conversation on a server with the cache off (the app's own settings) gives the
+    # same answers.
     with serve_in_background(tiny_chat, port=port, prefix_cache_mb=0) as handle:
         plain = talk(handle.url, 3)
         plain_stats = stats(handle.url)

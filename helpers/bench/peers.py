@@ -1,12 +1,8 @@
 """Servers under test, each in its own process, started by name from the ``PEERS`` registry.
 
 Adding a peer is a few lines: a function that takes a ``PeerRequest`` and returns a started
-``Handle`` (anything with ``url``, ``model``, ``wait()`` and ``stop()``), registered under a name
-with its table label, e.g. for bare vLLM::
-
-    def _vllm(req: PeerRequest) -> Handle:
-        return VLLMAdapter(VLLMProcess(req.model_dir, port=free_port()))  # hypothetical adapter
-    PEERS["vllm"] = Peer("vllm", "vLLM", _vllm)
+``Handle`` (anything with ``url``, ``model``, ``wait()`` and ``stop()``), registered under a
+name with its table label (``VLLMPeer`` below is one).
 """
 
 from __future__ import annotations
