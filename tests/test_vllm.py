@@ -2,7 +2,8 @@
 OpenAI API with streaming, the API key, cancellation upstream, and no orphan process.
 
 Skips (saying why) where vLLM is not installed: ``make vllm`` installs it on Linux x86-64.
-vLLM starts with ``--enforce-eager`` here: ~20 s instead of ~60-90 s of torch.compile.
+vLLM starts once for the module, with ``--enforce-eager``: ~20 s instead of ~60-90 s of
+torch.compile. The last test stops it and checks that nothing is left.
 """
 
 from __future__ import annotations
@@ -30,16 +31,19 @@ KEY = "dhllm-vllm-test-key"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
+PROGRESS: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def vllm_app() -> Iterator[tuple[ServerHandle, VLLMEngine]]:
     from helpers.server.vllm_launch import start_vllm_engine
 
     settings = get_settings(vllm_args="--enforce-eager", vllm_kvcache_gb=1)
-    chat_model, engine = start_vllm_engine("embedded", settings)
+    chat_model, engine = start_vllm_engine("embedded", settings, progress=PROGRESS.append)
     with serve_in_background(create_app(chat_model, settings, engine=engine),
                              port=free_port()) as handle:
         yield handle, engine
-    # Leaving the block stopped the app, and with it the engine and vLLM.
+    # Leaving the block stops the app, and with it the engine and vLLM (idempotent).
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +56,21 @@ def running_upstream(engine: VLLMEngine) -> float:
     text = requests.get(engine.process.url + "/metrics", timeout=5).text
     return sum(float(v) for v in re.findall(r"^vllm:num_requests_running\{[^}]*\} (\S+)", text,
                                             re.M))
+
+
+def test_start_reports_progress_and_a_busy_port_is_refused_at_once(
+        vllm_app: tuple[ServerHandle, VLLMEngine]) -> None:
+    from helpers.server.vllm_process import VLLMProcess
+    from helpers.serving import PortInUseError
+
+    _, engine = vllm_app
+    assert PROGRESS[-1].startswith("vLLM ready"), PROGRESS
+    busy = VLLMProcess(engine.process.model_dir, "x", engine.process.port,
+                       engine.process.python)
+    started = time.monotonic()
+    with pytest.raises(PortInUseError, match=str(engine.process.port)):
+        busy.start()
+    assert time.monotonic() - started < 5  # not after a minute of start-up
 
 
 def test_the_chapters_curl_and_history(server: ServerHandle) -> None:
@@ -122,14 +141,11 @@ def test_a_second_gateway_with_a_key_and_503_when_vllm_is_down(
         assert "vLLM is not answering" in down.json()["error"]["message"]
 
 
-def test_stopping_dhllm_stops_vllm() -> None:
-    from helpers.server.vllm_launch import start_vllm_engine
-
-    settings = get_settings(vllm_args="--enforce-eager", vllm_kvcache_gb=1)
-    chat_model, engine = start_vllm_engine("embedded", settings)
-    pid, port = engine.process.pid, int(engine.process.url.rsplit(":", 1)[1])
+def test_stopping_dhllm_stops_vllm(vllm_app: tuple[ServerHandle, VLLMEngine]) -> None:
+    handle, engine = vllm_app  # the last test: it stops the module's server
+    pid, port = engine.process.pid, engine.process.port
     tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    handle = serve_in_background(create_app(chat_model, settings, engine=engine), port=free_port())
+    assert len(tree) > 1, "vLLM runs its engine core in child processes"
     assert requests.get(handle.url + "/health", timeout=5).json()["engine"] == "vllm"
     handle.stop()
     gone, alive = psutil.wait_procs(tree, timeout=20)
