@@ -28,6 +28,7 @@ def test_bench_runs_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     assert "ours_2" in results["offline_engines"]
     assert results["sweep"]["clients"] == [1, 2] and len(results["sweep"]["serial"]) == 2
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot.with_name("ttft_by_turn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(out.read_text())["results"]["ours"]["ratio"] == results["ours"]["ratio"]
     table = format_table(report)
     assert "dhllm (continuous batching)" in table and "serial chapter-style" in table

@@ -29,7 +29,7 @@ from helpers.bench.load import (
 )
 from helpers.bench.offline import direct_tokens_per_s, offline_engines
 from helpers.bench.peers import PEERS, Handle, Peer, PeerRequest, ServerProcess, free_port
-from helpers.bench.report import format_table, plot_sweep
+from helpers.bench.report import format_table, plot_sweep, plot_turns
 
 __all__ = [
     "PEERS", "BenchConfig", "BenchReport", "Handle", "LoadResult", "Peer", "PeerRequest",
@@ -158,9 +158,11 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchRepo
         log("offline: transformers generate_batch vs our engine ...")
         results["offline_engines"] = offline_engines(chat, max(cfg.clients), cfg.tokens,
                                                      cfg.temperature)
-    if cfg.plot and results.get("sweep"):
-        plot_sweep(results["sweep"], cfg.plot, chat.name)
-        report.notes.append(f"plot written to {cfg.plot}")
+    if cfg.plot:
+        plot_sweep(results, cfg.plot, chat.name)
+        turns = cfg.plot.with_name("ttft_by_turn.png")
+        plot_turns(results, turns, chat.name)
+        report.notes.append(f"plots written to {cfg.plot} and {turns}")
     if cfg.json_path:
         cfg.json_path.write_text(json.dumps(asdict(report), indent=2), encoding="utf-8")
     return report

@@ -1,4 +1,5 @@
-"""The bench's output: one table of headline figures per server, and the throughput plot."""
+"""The bench's output: one table of headline figures per server, and two plots (throughput
+against concurrency, time to first token by conversation turn)."""
 
 from __future__ import annotations
 
@@ -64,26 +65,64 @@ def _details(r: dict[str, Any], low: str) -> list[str]:
     return lines
 
 
-def plot_sweep(sweep: dict[str, list], path: Path, model: str) -> None:
-    """Aggregate tokens/s against concurrent clients, ours and the serial server."""
+LABELS = {"ours": "dhllm (continuous batching)", "serial": "serial (chapter-style)",
+          "transformers_serve": "transformers serve",
+          "transformers_serve_cb": "transformers serve --continuous-batching",
+          "vllm": "vLLM (bare)", "dhllm_vllm": "dhllm --engine vllm"}
+
+
+def _figure() -> tuple[Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    if sweep.get("ours"):
-        ax.plot(sweep["clients"], sweep["ours"], "o-", label="dhllm (continuous batching)")
-    if sweep.get("serial"):
-        ax.plot(sweep["clients"], sweep["serial"], "s--", label="serial (chapter-style)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sweep["clients"], [str(c) for c in sweep["clients"]])
-    ax.set_xlabel("concurrent clients")
-    ax.set_ylabel("aggregate tokens/s")
-    ax.set_title(f"{Path(model).name}: throughput vs concurrency (one run)")
+    return plt.subplots(figsize=(6.4, 4), dpi=120)
+
+
+def _save(fig: Any, ax: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_sweep(results: dict[str, Any], path: Path, model: str) -> None:
+    """Aggregate tokens/s against concurrent clients: the sweep (ours, serial) as lines, every
+    other server of the same run at its 1- and 8-client points."""
+    fig, ax = _figure()
+    sweep = results.get("sweep", {})
+    for key, style in (("ours", "o-"), ("serial", "s--")):
+        if sweep.get(key):
+            ax.plot(sweep["clients"], sweep[key], style, label=LABELS[key])
+    for key, r in results.items():
+        if key in LABELS and key not in sweep and isinstance(r, dict):
+            points = sorted((int(c), v["tokens_per_s"]) for c, v in r.items()
+                            if c.isdigit() and isinstance(v, dict))
+            if points:
+                ax.plot(*zip(*points, strict=True), "^:", label=LABELS[key])
+    clients = sweep.get("clients") or [1, 8]
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(clients, [str(c) for c in clients])
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_title(f"{Path(model).name}: throughput vs concurrency (one run)")
+    _save(fig, ax, path)
+
+
+def plot_turns(results: dict[str, Any], path: Path, model: str) -> None:
+    """Time to first token at each turn of the persona conversation, per server."""
+    fig, ax = _figure()
+    for key, r in results.items():
+        ttft = r.get("persona", {}).get("ttft") if isinstance(r, dict) else None
+        if key in LABELS and ttft:
+            ax.plot(range(1, len(ttft) + 1), [t * 1000 for t in ttft], "o-", label=LABELS[key])
+    ax.set_yscale("log")
+    ax.set_xlabel("turn of the conversation (~600-token persona, history grows)")
+    ax.set_ylabel("time to first token (ms, log scale)")
+    ax.set_title(f"{Path(model).name}: waiting for the first word (one run)")
+    _save(fig, ax, path)
