@@ -53,7 +53,7 @@ chat: setup
 	$(VENV)/bin/dhllm chat "What is the capital of France?" --temperature 0
 
 test: setup vllm
-	$(PY) -m pytest tests notebooks --nbval-lax
+	$(PY) -m pytest tests notebooks --nbval-lax --durations=12
 
 e2e: setup
 	$(PY) -m pytest tests/test_browser_e2e.py -m e2e
