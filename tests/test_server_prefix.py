@@ -65,3 +65,24 @@ def test_a_conversation_reuses_its_prefix_over_http(tiny_chat: TransformersChat,
     assert plain_stats["cached_tokens"] == 0 and plain_stats["cache_blocks"] == 0
     assert answers == plain
     assert len(set(answers)) > 1
+
+
+def test_usage_reports_cached_tokens_as_openai_does(tiny_chat: TransformersChat, port) -> None:
+    """``usage.prompt_tokens_details.cached_tokens``, plain and streamed (include_usage)."""
+    from openai import OpenAI
+
+    with serve_in_background(tiny_chat, port=port) as handle:
+        client = OpenAI(base_url=handle.url + "/v1", api_key="unused")
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TURNS[0]}]
+        first = client.chat.completions.create(model="m", messages=messages, max_tokens=8,
+                                               extra_body={"repetition_penalty": 5.0},
+                                               temperature=0)
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": TURNS[1]}]
+        chunks = list(client.chat.completions.create(
+            model="m", messages=messages, max_tokens=8, temperature=0, stream=True,
+            stream_options={"include_usage": True}))
+        usage = chunks[-1].usage
+        assert usage is not None and usage.prompt_tokens_details.cached_tokens > 0
+        assert usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens

@@ -48,7 +48,7 @@ async def _events(stream: Stream, request: Request, model: str,
         yield event([p.ChunkChoice(delta=p.Delta(), finish_reason=finish_reason(finish))])
         if include_usage:
             yield event([], p.Usage.of(finish.prompt_tokens, finish.completion_tokens,
-                                       getattr(finish, "cached_tokens", 0)))
+                                       finish.cached_tokens))
     except Exception as exc:  # headers are gone: report the error in the stream, as OpenAI does
         yield json.dumps({"error": map_exception(exc).detail().model_dump()})
     finally:

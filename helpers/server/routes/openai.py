@@ -53,5 +53,5 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> A
         choices=[p.Choice(message=p.ResponseMessage(content=text),
                           finish_reason=finish_reason(finish))],
         usage=p.Usage.of(finish.prompt_tokens, finish.completion_tokens,
-                         getattr(finish, "cached_tokens", 0)),
+                         finish.cached_tokens),
     )
