@@ -86,3 +86,15 @@ def test_usage_reports_cached_tokens_as_openai_does(tiny_chat: TransformersChat,
         usage = chunks[-1].usage
         assert usage is not None and usage.prompt_tokens_details.cached_tokens > 0
         assert usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
+
+
+def test_a_top_p_below_float32_range_still_answers(tiny_chat: TransformersChat, port) -> None:
+    """Found by schemathesis: top_p=2.7e-66 rounds to 0 in float32, the nucleus kept nothing,
+    sampling raised after the prefill group was cleared, and the request was lost (no answer)."""
+    with serve_in_background(tiny_chat, port=port) as handle:
+        for content in ("", "hi"):
+            body = {"messages": [{"role": "user", "content": content}], "top_p": 2.7e-66,
+                    "max_tokens": 4}
+            response = requests.post(f"{handle.url}/v1/chat/completions", json=body, timeout=30)
+            assert response.status_code == 200, response.text
+        assert stats(handle.url)["completed"] == 2

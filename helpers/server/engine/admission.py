@@ -94,10 +94,11 @@ class Admission:
             self.stats.prefill_chunks += 1
         if logits is None:
             return
-        self._group, self._group_rows = None, []
         self._pick(rows, logits)
         for r in rows:
             r.emit(self.eos)  # the first token goes out now; joining the batch comes next
+        # Cleared only now: if picking failed, _guarded fails these rows instead of losing them.
+        self._group, self._group_rows = None, []
         with self._lock:
             self.stats.prefills += 1
             self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in rows)

@@ -86,7 +86,8 @@ def _filter(y: Any, p: GenerationParams) -> Any:
         values, order = y.sort(descending=True)
     if p.top_p < 1.0:
         probs = values.softmax(-1)
-        keep = (probs.cumsum(-1) - probs) < p.top_p  # always keeps the first
+        keep = (probs.cumsum(-1) - probs) < p.top_p
+        keep[0] = True  # the most likely token stays, even for a top_p that float32 rounds to 0
         values, order = values[keep], order[keep]
     filtered = torch.full_like(y, float("-inf"))
     filtered[order] = values
