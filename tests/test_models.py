@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers.chat import TransformersChat
-from helpers.hardware import MARGIN_GIB, estimate_gib
+from helpers.hardware import MARGIN_GIB, Gpu, estimate_gib
 from helpers.hub.mirror import mirror_in_background
 from helpers.models import (
     REGISTRY,
@@ -21,6 +21,7 @@ from helpers.models import (
     check_remote_code_support,
     choose_model,
     choose_placement,
+    choose_precision,
     describe_environment,
     get_spec,
     load_model,
@@ -238,6 +239,52 @@ def test_describe_environment_names_the_model_without_printing(isolated, capsys)
     text = describe_environment(online=True)
     assert "Tesla T4" in text and "choose_model('linly-7b') -> linly-7b, float16, ~14.3 GiB GPU" in text
     assert len(text.splitlines()) == 2 and capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------- the one precision rule
+
+@pytest.mark.parametrize(("gpu", "quantize", "expected"), [
+    (None, None, ("cpu", "float32", None, True)),
+    (None, "4bit", ("cpu", "float32", None, True)),  # bitsandbytes needs CUDA: ignored on a CPU
+    ("T4", None, ("cuda", "float16", None, True)),  # no native bf16 before Ampere
+    ("L4", None, ("cuda", "bfloat16", None, True)),
+    ("RTX 3070", None, ("cuda", "bfloat16", "4bit", True)),  # 16-bit does not fit, 4-bit does
+    ("T4", "8bit", ("cuda", "float16", "8bit", True)),  # DHLLM_QUANTIZE wins over 16-bit
+    ("T4", "4bit", ("cuda", "float16", "4bit", True)),
+    ("RTX 3070", "none", ("cuda", "bfloat16", None, False)),  # 16-bit asked: kept, flagged
+    ("RTX 3070", "8bit", ("cuda", "bfloat16", "8bit", False)),  # 8-bit needs ~8.3 GiB
+    ("GTX 1650", None, ("cuda", "float16", "4bit", False)),  # fits neither: the smallest, flagged
+    ("GTX 1650", "none", ("cuda", "float16", None, False)),
+])
+def test_choose_precision_for_linly_7b(gpu, quantize, expected):
+    device = Gpu(GPUS[gpu][2], GPUS[gpu][0], GPUS[gpu][1]) if gpu else None
+    spec = get_spec("linly-7b")
+    got = choose_precision(spec, device, quantize)
+    assert (got.device, got.dtype, got.quantize, got.fits) == expected
+    precision = got.quantize or got.dtype
+    assert got.need_gib == estimate_gib(spec.params_b, spec.kv_kib_per_token, precision)
+    assert got.fits == (device is None or got.need_gib <= device.memory_gib)
+
+
+def test_choose_precision_for_a_model_of_unknown_size_and_bad_input():
+    t4 = Gpu("Tesla T4", 14.74, (7, 5))
+    assert choose_precision(None, t4) == choose_precision(None, t4, "none")
+    got = choose_precision(None, t4)
+    assert (got.dtype, got.quantize, got.need_gib, got.fits) == ("float16", None, None, True)
+    assert choose_precision(None, t4, "4bit").quantize == "4bit"
+    assert choose_precision(None, None, "8bit").quantize is None
+    with pytest.raises(ValueError, match="'4bit', '8bit', 'none' or unset"):
+        choose_precision(get_spec("linly-7b"), t4, "3bit")
+
+
+def test_choose_model_follows_choose_precision_and_dhllm_quantize(isolated):
+    fake_gpu(isolated, *GPUS["GTX 1650"])
+    isolated.setenv("DHLLM_MODEL", "linly-7b")  # forced: no smaller model to fall back to
+    choice = choose_model("linly-7b", online=True, verbose=False)
+    assert (choice.dtype, choice.quantize) == ("float16", "4bit") and "可能放不下" in choice.message
+    isolated.setenv("DHLLM_QUANTIZE", "none")
+    choice = choose_model("linly-7b", online=True, verbose=False)
+    assert (choice.dtype, choice.quantize) == ("float16", None) and "可能放不下" in choice.message
 
 
 # ---------------------------------------------------------------- quantization
