@@ -88,3 +88,10 @@ def test_the_server_sees_only_the_chat_model_interface() -> None:
         for target, names in imports:
             assert target not in CONCRETE_BACKENDS, f"{module} imports {target}"
             assert not names & CONCRETE_NAMES, f"{module} imports {names & CONCRETE_NAMES}"
+
+
+def test_the_clients_default_url_is_the_configs() -> None:
+    # The client keeps a literal (it imports nothing from the package); config is its one home.
+    from helpers import client, config
+
+    assert client.DEFAULT_URL == config.DEFAULT_URL == f"http://127.0.0.1:{config.DEFAULT_PORT}"
