@@ -75,6 +75,9 @@ def test_remote_code_models_fail_at_once_on_new_transformers(name, bound, altern
 
 
 def test_load_model_refuses_remote_code_before_any_download(monkeypatch):
+    # Imported first: huggingface_hub reads HF_ENDPOINT once, and later tests expect its default.
+    import huggingface_hub.constants  # noqa: F401
+
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: any fetch would fail
     with pytest.raises(UnsupportedModelError, match="qwen2.5-1.5b-instruct"):
         load_model("qwen-1.8b-chat")
