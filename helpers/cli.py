@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from helpers.config import get_settings
+from helpers.config import DEFAULT_PORT, DEFAULT_TEMPERATURE, get_settings
 
 app = typer.Typer(
     help="dhllm: download, chat with and serve LLMs for a digital human.",
@@ -36,15 +36,17 @@ def _fail(message: str) -> None:
 def chat(
     question: Annotated[str | None, typer.Argument(help="ask once and exit; omit for a session")] = None,
     model: ModelOption = None,
-    max_new_tokens: Annotated[int, typer.Option(help="longest answer in tokens")] = 256,
-    temperature: Annotated[float, typer.Option(help="0 = greedy (deterministic)")] = 0.7,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        help="longest answer in tokens (default: DHLLM_DEFAULT_MAX_NEW_TOKENS, 256)")] = None,
+    temperature: Annotated[float, typer.Option(help="0 = greedy (deterministic)")] = DEFAULT_TEMPERATURE,
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
 ) -> None:
     """Chat with a model: one question, or an interactive session (empty line or Ctrl-D ends)."""
     from helpers.chat import GenerationParams, get_chat_model
 
     try:
-        params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature)
+        limit = get_settings().default_max_new_tokens if max_new_tokens is None else max_new_tokens
+        params = GenerationParams(max_new_tokens=limit, temperature=temperature)
         chat_model = get_chat_model(model or get_settings().model)
     except (ValueError, KeyError, RuntimeError) as exc:
         _fail(str(exc))
@@ -113,8 +115,8 @@ def mirror_serve(
     throttle: Annotated[float | None, typer.Option(help="bytes/s per connection (demos)")] = None,
 ) -> None:
     """Serve DIR so HF_ENDPOINT / MODELSCOPE_ENDPOINT=http://HOST:PORT clients download from it."""
+    from helpers.background_server import PortInUseError
     from helpers.hub.mirror import serve_mirror
-    from helpers.serving import PortInUseError
 
     try:
         serve_mirror(directory, host, port, throttle=throttle)
@@ -158,7 +160,7 @@ def bind_warning(host: str, api_key: str | None) -> str | None:
 def serve(
     model: ModelOption = None,
     host: Annotated[str | None, typer.Option(help="127.0.0.1 = this machine only")] = None,
-    port: Annotated[int | None, typer.Option(help="default: 7871, the chapter's")] = None,
+    port: Annotated[int | None, typer.Option(help=f"default: {DEFAULT_PORT}, the chapter's")] = None,
     api_key: Annotated[str | None, typer.Option(
         help="require 'Authorization: Bearer KEY' (default: DHLLM_API_KEY)")] = None,
     log_prompts: Annotated[bool, typer.Option(help="write prompts into the request log")] = False,

@@ -18,7 +18,9 @@ from typing import Any, Literal
 
 import requests
 
-DEFAULT_URL = "http://127.0.0.1:7871"  # the chapter's; a literal: the client imports nothing
+# The chapter's server, as helpers.config.DEFAULT_URL; a literal because the client imports
+# nothing from the package (tests/test_architecture.py checks that the two agree).
+DEFAULT_URL = "http://127.0.0.1:7871"
 
 
 Shell = Literal["bash", "cmd", "powershell"]

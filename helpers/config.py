@@ -8,14 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The repository the notebooks' setup cell installs from on Colab. Kept here and, literally, in
 # each notebook's setup cell and the README (a test checks that they agree).
 REPO_URL = "https://github.com/dhllm/dhllm"
 
+DEFAULT_HOST = "127.0.0.1"  # this machine only; 0.0.0.0 only when asked for
 DEFAULT_PORT = 7871  # the chapter's port
+DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"  # where the chapter's server answers
 DEFAULT_MIRROR_PORT = 8090
 # One JupyterLab runs the four notebooks 01 -> 04 side by side, each kernel keeping its servers:
 # the chapter's port stays notebook 02's, the later notebooks use their own.
@@ -58,7 +60,11 @@ class Settings(BaseSettings):
         default=None, description="4bit, 8bit or none; unset: choose_model decides"
     )
     offline: bool = Field(default=False, description="never probe or download from a hub")
-    host: str = "127.0.0.1"  # never 0.0.0.0 unless asked for
+    # huggingface_hub's own variables (no DHLLM_ prefix): a mirror's address, and its offline mode.
+    hf_endpoint: str | None = Field(default=None, validation_alias=AliasChoices("HF_ENDPOINT", "hf_endpoint"))
+    hf_hub_offline: bool = Field(
+        default=False, validation_alias=AliasChoices("HF_HUB_OFFLINE", "hf_hub_offline"))
+    host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     api_key: SecretStr | None = None
     log_prompts: bool = False
@@ -84,6 +90,16 @@ class Settings(BaseSettings):
     vllm_args: str = ""
     vllm_kvcache_gb: int = 2
     vllm_start_timeout: float = 600.0
+
+    @field_validator("hf_hub_offline", mode="before")
+    @classmethod
+    def _hf_true(cls, value: object) -> object:
+        """As huggingface_hub reads it: 1/ON/YES/TRUE is on, anything else (even "") off."""
+        return value.strip().upper() in ("1", "ON", "YES", "TRUE") if isinstance(value, str) else value
+
+    def offline_mode(self) -> bool:
+        """True when no hub may be probed or downloaded from (DHLLM_OFFLINE or HF_HUB_OFFLINE)."""
+        return self.offline or self.hf_hub_offline
 
     def resolved_cache_dir(self) -> Path:
         """The cache directory with ``~`` expanded."""

@@ -1,15 +1,11 @@
 """What the machine offers (a CUDA GPU: memory, compute capability) and what a model needs there.
 
-Pure numbers, no registry and no network: ``helpers.models.choose_model`` combines them.
+Pure numbers, no registry and no network: ``helpers.models.choice`` combines them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
-Quantize = Literal["4bit", "8bit"]
-Precision = Literal["float32", "float16", "bfloat16", "8bit", "4bit"]
 
 GIB = 2**30
 
@@ -35,6 +31,14 @@ CONTEXT_TOKENS = 2048
 MARGIN_GIB = 0.75
 
 
+def compute_dtype(capability: tuple[int, int]) -> str:
+    """The 16-bit dtype a CUDA device computes in: bf16 from Ampere (cc 8.0) on, else fp16.
+
+    ``torch.cuda.is_bf16_supported()`` says True on a T4 (7.5), which only emulates bf16, slowly.
+    """
+    return "bfloat16" if capability[0] >= 8 else "float16"
+
+
 @dataclass(frozen=True)
 class Gpu:
     """The first CUDA device as torch reports it."""
@@ -44,14 +48,9 @@ class Gpu:
     capability: tuple[int, int]
 
     @property
-    def bf16(self) -> bool:
-        """Native bf16 from Ampere (cc 8.0) on; a T4 (7.5) emulates it slowly though torch says True."""
-        return self.capability[0] >= 8
-
-    @property
     def dtype(self) -> str:
-        """The 16-bit dtype to compute in on this GPU."""
-        return "bfloat16" if self.bf16 else "float16"
+        """The 16-bit dtype to compute in on this GPU (see ``compute_dtype``)."""
+        return compute_dtype(self.capability)
 
     def describe(self) -> str:
         """``Tesla T4（14.7 GiB，算力 7.5）``: name, memory and compute capability."""

@@ -14,9 +14,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from helpers.config import DEFAULT_PORT
-
-DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
+from helpers.config import DEFAULT_URL
 
 # Inline styles: the HTML widget has no stylesheet of its own, and this must look the same in
 # JupyterLab, classic Notebook, VS Code and Colab.

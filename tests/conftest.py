@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.serving import free_port
+from helpers.background_server import free_port
 from helpers.stand_in import build_tiny_model
 
 __all__ = ["free_port"]  # tests import it from here

@@ -81,6 +81,70 @@ def test_leaf_modules_import_nothing_from_the_package(module: str) -> None:
     assert not GRAPH[module], f"{module} imports {[t for t, _ in GRAPH[module]]}"
 
 
+def within(target: str, prefix: str) -> bool:
+    return target == prefix or target.startswith(prefix + ".")
+
+
+def package_imports(prefix: str) -> list[tuple[str, str]]:
+    """``(module, target)`` for each package import made by ``prefix`` or a module under it."""
+    return [(m, t) for m, imports in GRAPH.items() if within(m, prefix)
+            for t, _ in imports if t != m]
+
+
+# Who may not import whom, below the server: the registry is data, the choice does not load,
+# getting files (hub) knows no model names or chat, and running uvicorn knows no app.
+FORBIDDEN = [
+    ("helpers.models.registry", ["helpers.models.choice", "helpers.models.load", "helpers.hub",
+                                 "helpers.chat"]),
+    ("helpers.models.choice", ["helpers.models.load", "helpers.chat"]),
+    ("helpers.models", ["helpers.chat", "helpers.background_server"]),
+    ("helpers.hub", ["helpers.models", "helpers.chat"]),
+    ("helpers.hardware", ["helpers.models", "helpers.hub", "helpers.chat"]),
+]
+
+
+@pytest.mark.parametrize(("layer", "forbidden"), FORBIDDEN, ids=[f[0] for f in FORBIDDEN])
+def test_layers_below_the_server_point_one_way(layer: str, forbidden: list[str]) -> None:
+    bad = [(m, t) for m, t in package_imports(layer) if any(within(t, f) for f in forbidden)]
+    assert not bad, f"{layer} must not import {forbidden}: {bad}"
+
+
+# Modules that may import only these from the package.
+ONLY = {
+    "helpers.background_server": {"helpers.config"},
+    "helpers.hardware": set(),
+    "helpers.models.registry": {"helpers.config"},
+}
+
+
+@pytest.mark.parametrize("module", sorted(ONLY))
+def test_small_modules_import_only_what_they_need(module: str) -> None:
+    extra = {t for _, t in package_imports(module)} - ONLY[module]
+    assert not extra, f"{module} may import only {ONLY[module] or 'nothing'}, not {extra}"
+
+
+def environment_reads(path: Path) -> list[str]:
+    """``os.environ.get(...)``, ``os.getenv(...)`` and ``os.environ[...]`` reads in ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        func = node.func if isinstance(node, ast.Call) else None
+        if isinstance(func, ast.Attribute) and (
+                func.attr == "getenv" or (func.attr == "get" and isinstance(func.value, ast.Attribute)
+                                          and func.value.attr == "environ")):
+            found.append(f"{path.name}:{node.lineno}")
+        if (isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load)
+                and isinstance(node.value, ast.Attribute) and node.value.attr == "environ"):
+            found.append(f"{path.name}:{node.lineno}")
+    return found
+
+
+@pytest.mark.parametrize("layer", ["hub", "models"])
+def test_hub_settings_are_read_through_settings(layer: str) -> None:
+    # HF_ENDPOINT, HF_HUB_OFFLINE, DHLLM_OFFLINE: one reader (helpers.config.Settings).
+    reads = [r for p in sorted((ROOT / layer).rglob("*.py")) for r in environment_reads(p)]
+    assert not reads, f"helpers.{layer} reads the environment directly at {reads}; use Settings"
+
+
 def test_the_server_sees_only_the_chat_model_interface() -> None:
     for module, imports in GRAPH.items():
         if not module.startswith("helpers.server"):
@@ -88,3 +152,10 @@ def test_the_server_sees_only_the_chat_model_interface() -> None:
         for target, names in imports:
             assert target not in CONCRETE_BACKENDS, f"{module} imports {target}"
             assert not names & CONCRETE_NAMES, f"{module} imports {names & CONCRETE_NAMES}"
+
+
+def test_the_clients_default_url_is_the_configs() -> None:
+    # The client keeps a literal (it imports nothing from the package); config is its one home.
+    from helpers import client, config
+
+    assert client.DEFAULT_URL == config.DEFAULT_URL == f"http://127.0.0.1:{config.DEFAULT_PORT}"

@@ -305,7 +305,7 @@ def test_cli_mirror_add_and_serve(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_busy_port_and_missing_folder_fail_clearly(mirror, tmp_path: Path) -> None:
-    from helpers.serving import PortInUseError
+    from helpers.background_server import PortInUseError
 
     busy = int(mirror.url.rsplit(":", 1)[1])
     with pytest.raises(PortInUseError, match="already in use"):

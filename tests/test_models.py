@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers.chat import TransformersChat
-from helpers.hardware import MARGIN_GIB, estimate_gib
+from helpers.hardware import MARGIN_GIB, Gpu, estimate_gib
 from helpers.hub.mirror import mirror_in_background
 from helpers.models import (
     REGISTRY,
@@ -21,6 +21,7 @@ from helpers.models import (
     check_remote_code_support,
     choose_model,
     choose_placement,
+    choose_precision,
     describe_environment,
     get_spec,
     load_model,
@@ -74,6 +75,9 @@ def test_remote_code_models_fail_at_once_on_new_transformers(name, bound, altern
 
 
 def test_load_model_refuses_remote_code_before_any_download(monkeypatch):
+    # Imported first: huggingface_hub reads HF_ENDPOINT once, and later tests expect its default.
+    import huggingface_hub.constants  # noqa: F401
+
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: any fetch would fail
     with pytest.raises(UnsupportedModelError, match="qwen2.5-1.5b-instruct"):
         load_model("qwen-1.8b-chat")
@@ -88,11 +92,11 @@ def test_cpu_placement_is_float32_and_overrides_work():
 
 
 def test_choose_model_falls_back_without_a_gpu_and_honours_the_override(no_gpu, capsys):
-    assert choose_model("linly-7b", online=False) == "embedded"
+    assert choose_model("linly-7b", online=False).name == "embedded"
     out = capsys.readouterr().out
     assert "没有 CUDA GPU" in out and "替身" in out and "只会英文" in out and "linly-7b" in out
     no_gpu.setenv("DHLLM_MODEL", "qwen2.5-1.5b-instruct")
-    assert choose_model("linly-7b", online=False) == "qwen2.5-1.5b-instruct"
+    assert choose_model("linly-7b", online=False).name == "qwen2.5-1.5b-instruct"
 
 
 def test_load_model_from_a_folder(tiny_model_dir, capsys):
@@ -148,7 +152,7 @@ def test_choose_model_fits_the_gpu(isolated, capsys, gpu, name, dtype, quantize)
     fake_gpu(isolated, memory, capability, device_name)
     choice = choose_model("linly-7b", online=True)
     assert (choice.name, choice.device, choice.dtype, choice.quantize) == (name, "cuda", dtype, quantize)
-    assert choice == name and isinstance(choice, str)  # notebooks compare MODEL with a name
+    assert str(choice) == name and not isinstance(choice, str)  # a choice, printed as its name
     assert choice.estimated_gib is not None and choice.estimated_gib <= memory
     assert choice.source == "hf" and choice.path is None
     out = capsys.readouterr().out
@@ -173,7 +177,7 @@ def test_no_gpu_offline_picks_the_embedded_stand_in_without_probing(no_gpu, caps
     def probe(*args, **kwargs):
         raise AssertionError("offline: no hub may be probed")
 
-    no_gpu.setattr("helpers.hub.hub_reachable", probe)
+    no_gpu.setattr("helpers.hub.locate.hub_reachable", probe)
     no_gpu.setenv("DHLLM_OFFLINE", "1")
     choice = choose_model("linly-7b")
     assert (choice.name, choice.device) == ("embedded", "cpu")
@@ -238,6 +242,52 @@ def test_describe_environment_names_the_model_without_printing(isolated, capsys)
     text = describe_environment(online=True)
     assert "Tesla T4" in text and "choose_model('linly-7b') -> linly-7b, float16, ~14.3 GiB GPU" in text
     assert len(text.splitlines()) == 2 and capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------- the one precision rule
+
+@pytest.mark.parametrize(("gpu", "quantize", "expected"), [
+    (None, None, ("cpu", "float32", None, True)),
+    (None, "4bit", ("cpu", "float32", None, True)),  # bitsandbytes needs CUDA: ignored on a CPU
+    ("T4", None, ("cuda", "float16", None, True)),  # no native bf16 before Ampere
+    ("L4", None, ("cuda", "bfloat16", None, True)),
+    ("RTX 3070", None, ("cuda", "bfloat16", "4bit", True)),  # 16-bit does not fit, 4-bit does
+    ("T4", "8bit", ("cuda", "float16", "8bit", True)),  # DHLLM_QUANTIZE wins over 16-bit
+    ("T4", "4bit", ("cuda", "float16", "4bit", True)),
+    ("RTX 3070", "none", ("cuda", "bfloat16", None, False)),  # 16-bit asked: kept, flagged
+    ("RTX 3070", "8bit", ("cuda", "bfloat16", "8bit", False)),  # 8-bit needs ~8.3 GiB
+    ("GTX 1650", None, ("cuda", "float16", "4bit", False)),  # fits neither: the smallest, flagged
+    ("GTX 1650", "none", ("cuda", "float16", None, False)),
+])
+def test_choose_precision_for_linly_7b(gpu, quantize, expected):
+    device = Gpu(GPUS[gpu][2], GPUS[gpu][0], GPUS[gpu][1]) if gpu else None
+    spec = get_spec("linly-7b")
+    got = choose_precision(spec, device, quantize)
+    assert (got.device, got.dtype, got.quantize, got.fits) == expected
+    precision = got.quantize or got.dtype
+    assert got.need_gib == estimate_gib(spec.params_b, spec.kv_kib_per_token, precision)
+    assert got.fits == (device is None or got.need_gib <= device.memory_gib)
+
+
+def test_choose_precision_for_a_model_of_unknown_size_and_bad_input():
+    t4 = Gpu("Tesla T4", 14.74, (7, 5))
+    assert choose_precision(None, t4) == choose_precision(None, t4, "none")
+    got = choose_precision(None, t4)
+    assert (got.dtype, got.quantize, got.need_gib, got.fits) == ("float16", None, None, True)
+    assert choose_precision(None, t4, "4bit").quantize == "4bit"
+    assert choose_precision(None, None, "8bit").quantize is None
+    with pytest.raises(ValueError, match="'4bit', '8bit', 'none' or unset"):
+        choose_precision(get_spec("linly-7b"), t4, "3bit")
+
+
+def test_choose_model_follows_choose_precision_and_dhllm_quantize(isolated):
+    fake_gpu(isolated, *GPUS["GTX 1650"])
+    isolated.setenv("DHLLM_MODEL", "linly-7b")  # forced: no smaller model to fall back to
+    choice = choose_model("linly-7b", online=True, verbose=False)
+    assert (choice.dtype, choice.quantize) == ("float16", "4bit") and "可能放不下" in choice.message
+    isolated.setenv("DHLLM_QUANTIZE", "none")
+    choice = choose_model("linly-7b", online=True, verbose=False)
+    assert (choice.dtype, choice.quantize) == ("float16", None) and "可能放不下" in choice.message
 
 
 # ---------------------------------------------------------------- quantization

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 from fastapi import FastAPI
 
-import helpers.serving as serving
-from helpers.serving import PortInUseError, port_in_use_message, start_uvicorn
+import helpers.background_server as background_server
+from helpers.background_server import PortInUseError, port_in_use_message, start_uvicorn
 from tests.conftest import free_port
 
 LISTENER = """
@@ -67,14 +67,14 @@ def test_a_port_held_by_this_process_points_at_its_own_handle():
 
 def test_a_jupyter_kernel_holder_is_told_to_shut_down_that_kernel(monkeypatch):
     kernel = ["python", "-m", "ipykernel_launcher", "-f", "kernel-1.json"]
-    monkeypatch.setattr(serving, "port_holder", lambda port: (4242, kernel))
+    monkeypatch.setattr(background_server, "port_holder", lambda port: (4242, kernel))
     message = port_in_use_message("127.0.0.1", 7871)
     assert "process 4242 (python -m ipykernel_launcher" in message
     assert "shut down that notebook's kernel" in message
 
 
 def test_an_invisible_holder_is_said_plainly(monkeypatch):
-    monkeypatch.setattr(serving, "port_holder", lambda port: None)
+    monkeypatch.setattr(background_server, "port_holder", lambda port: None)
     message = port_in_use_message("127.0.0.1", 7871)
     assert "psutil cannot see" in message and "port=7872" in message and "stop()" not in message
 
@@ -82,6 +82,13 @@ def test_an_invisible_holder_is_said_plainly(monkeypatch):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # its sys.exit
 def test_uvicorn_dying_at_start_gives_the_same_message(held_port, monkeypatch):
     port, pid = held_port
-    monkeypatch.setattr(serving, "ensure_port_free", lambda host, port: None)  # let uvicorn try
+    monkeypatch.setattr(background_server, "ensure_port_free", lambda host, port: None)  # let uvicorn try
     with pytest.raises(PortInUseError, match=f"process {pid} "):
         start_uvicorn(health_app(), port=port, log_level="critical")
+
+
+def test_a_wildcard_bind_is_shown_as_loopback():
+    # One rule for every server (API, mirror) that prints or returns its URL.
+    assert background_server.display_url("0.0.0.0", 7871) == "http://127.0.0.1:7871"
+    assert background_server.display_url("::", 8090) == "http://127.0.0.1:8090"
+    assert background_server.display_url("192.168.1.20", 7871) == "http://192.168.1.20:7871"

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
-import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +23,8 @@ def test_environment_yml_lists_the_same_packages_as_pyproject():
     listed = {r for r in pip_section if not r.startswith("-e")}
     assert {_name(r): r for r in listed} == {_name(r): r for r in wanted}
     assert "python=3.11" in env["dependencies"]
+    # The claimed minimum is the Python the tests run on (this file needs tomllib, 3.11+).
+    assert project["requires-python"] == ">=3.11"
 
 
 def test_ci_runs_exactly_make_test():

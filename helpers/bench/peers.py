@@ -19,7 +19,7 @@ from typing import Protocol
 
 import requests
 
-from helpers.serving import free_port
+from helpers.background_server import free_port
 
 
 class Handle(Protocol):

@@ -140,7 +140,3 @@ class TokenBatchable(Protocol):
 
     def eos_token_ids(self) -> set[int]:
         """Every id that ends a reply."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Text streaming helpers shared by TransformersChat and the server's engine.

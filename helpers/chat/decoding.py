@@ -69,6 +69,3 @@ def _overlap(text: str, stop: str) -> int:
         if text.endswith(stop[:n]):
             return n
     return 0
-
-
-# ---------------------------------------------------------------------------------------------

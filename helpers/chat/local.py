@@ -10,7 +10,7 @@ from typing import Any
 from helpers.chat.base import ChatModel, GenerationParams, Message, validate_messages
 from helpers.chat.decoding import IncrementalDecoder, StopMatcher
 from helpers.chat.prompts import LINLY_STOP, messages_to_pairs, render_linly_prompt
-from helpers.models import load_model, resolve
+from helpers.models import ModelChoice, load_model, resolve
 
 
 class TransformersChat(ChatModel):
@@ -41,7 +41,7 @@ class TransformersChat(ChatModel):
     @classmethod
     def load(
         cls,
-        name_or_path: str,
+        name_or_path: str | ModelChoice,
         device: str = "auto",
         dtype: str = "auto",
         verbose: bool = True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from helpers.config import DEFAULT_PORT
+from helpers.config import DEFAULT_URL
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ PRESETS: dict[str, Preset] = {
                note="vllm serve MODEL; the model name is what vLLM serves (see /v1/models)"),
         Preset("ollama", "http://127.0.0.1:11434/v1", "qwen2.5:1.5b", None, key_required=False,
                note="ollama serve; needs no key"),
-        Preset("dhllm", f"http://127.0.0.1:{DEFAULT_PORT}/v1", "embedded", "DHLLM_API_KEY",
+        Preset("dhllm", f"{DEFAULT_URL}/v1", "embedded", "DHLLM_API_KEY",
                key_required=False, extra_params=("top_k", "repetition_penalty"),
                note="our own dhllm serve; a key only if the server was started with one"),
     ]

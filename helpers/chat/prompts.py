@@ -83,7 +83,3 @@ def messages_to_pairs(messages: Sequence[Message]) -> list[list[str]]:
             pairs.append([pending_user, m["content"]])
             pending_user = None
     return pairs
-
-
-# ---------------------------------------------------------------------------------------------
-# Local transformers models.

@@ -30,7 +30,7 @@ LFS_SUFFIXES = WEIGHT_SUFFIXES + (
     ".gz",
 )
 LFS_MIN_SIZE = 10 * 2**20
-# LFS files at least this big are fetched by our own Range download (see _fetch_resumable):
+# LFS files at least this big are fetched by our own Range download (``resume.fetch_resumable``):
 # huggingface_hub 2.4 restarts partial files from zero in a new process.
 RESUME_MIN_SIZE = 1 * 2**20
 HASH_CACHE_NAME = ".cache/dhllm/hashes.json"

@@ -16,16 +16,16 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from helpers.background_server import ServerHandle, display_url, ensure_port_free, start_uvicorn
 from helpers.config import get_settings
 from helpers.hub.mirror_store import MirrorError, MirrorRoot
-from helpers.serving import ServerHandle, ensure_port_free, start_uvicorn
 
 
 @dataclass
@@ -93,7 +93,7 @@ class _HubFileResponse(FileResponse):
 
 
 def _http_date(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
 
@@ -309,7 +309,7 @@ def serve_mirror(
     app = create_mirror_app(root, throttle=throttle)
     mirror: MirrorRoot = app.state.mirror
     mirror.index()
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    url = display_url(host, port)
     repos = mirror.repos()
     print(
         f"serving {len(repos)} repos from {mirror.root} at {url}: {', '.join(repos) or '(none)'}",

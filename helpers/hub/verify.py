@@ -228,6 +228,3 @@ def _check_complete(local_dir: Path, names: set[str], fix: Callable[[], str]) ->
         raise VerificationError(
             f"{local_dir} has no tokenizer file ({', '.join(TOKENIZER_FILES)}). Fix: {fix()}"
         )
-
-
-# ---------------------------------------------------------------------------- downloads

@@ -8,8 +8,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from helpers.background_server import (
+    PortInUseError,
+    ServerHandle,
+    display_url,
+    ensure_port_free,
+    start_uvicorn,
+)
 from helpers.config import get_settings
-from helpers.serving import PortInUseError, ServerHandle, ensure_port_free, start_uvicorn
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -92,8 +98,7 @@ def serve(
         app = create_app(get_chat_model(model_spec), settings)
     else:
         raise ValueError(f"engine must be 'builtin' or 'vllm', not {engine!r}")
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    url = f"http://{shown}:{settings.port}"
+    url = display_url(host, settings.port)
     print(f"serving {model_spec} on {url}  (docs: {url}/docs)")
     try:
         uvicorn.run(app, host=host, port=settings.port, log_level="warning")

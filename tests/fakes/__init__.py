@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from helpers.serving import ServerHandle, free_port, start_uvicorn
+from helpers.background_server import ServerHandle, free_port, start_uvicorn
 
 
 @dataclass
