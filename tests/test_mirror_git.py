@@ -162,3 +162,16 @@ def test_push_is_refused_and_a_changed_folder_gives_a_new_commit(
         assert (clone / "tokenizer.json").read_text() == "{}"
         pushed = git(git_env, "push", "origin", "HEAD:main", cwd=clone, check=False)
         assert pushed.returncode != 0 and "read-only" in pushed.stderr
+
+
+def test_a_mirror_machine_without_git_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "root"
+    (root / "org" / "small").mkdir(parents=True)
+    (root / "org" / "small" / "config.json").write_text("{}")
+    with mirror_in_background(root, port=free_port(), progress=False) as handle:
+        monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no git on this "machine"
+        refs = requests.get(f"{handle.url}/org/small/info/refs?service=git-upload-pack", timeout=10)
+        monkeypatch.undo()
+        assert refs.status_code == 503 and "git is not installed on the mirror" in refs.text
+        # The hub APIs do not need git.
+        assert requests.get(f"{handle.url}/api/models/org/small", timeout=10).status_code == 200
