@@ -137,6 +137,10 @@ def test_lfs_batch_api_answers_and_refuses_clearly(mirror, mirror_root: Path) ->
     unknown = requests.post(f"{mirror.url}/org/missing.git/info/lfs/objects/batch", json=body,
                             headers=headers, timeout=10)
     assert unknown.status_code == 404 and "org/missing" in unknown.json()["message"]
+    # A classroom: students reach the teacher's machine by its address; the links follow it.
+    seen_as = requests.post(url, json=body, headers={**headers, "Host": "192.0.2.7:8090"},
+                            timeout=10).json()["objects"][0]["actions"]["download"]["href"]
+    assert seen_as == f"http://192.0.2.7:8090/{REPO}/resolve/main/{WEIGHTS}"
     bad = requests.post(url, json={"objects": "nope"}, headers=headers, timeout=10)
     assert bad.status_code == 422
 
