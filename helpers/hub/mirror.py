@@ -323,4 +323,7 @@ def serve_mirror(
     print(f'  PowerShell: $env:HF_ENDPOINT = "{url}"', file=sys.stderr)
     if repos:
         print(f"  git lfs install; git clone {url}/{repos[0]}", file=sys.stderr)
+    if host in ("0.0.0.0", "::"):
+        print("  other machines: use this machine's LAN address instead of 127.0.0.1",
+              file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="warning")
