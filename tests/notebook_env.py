@@ -6,8 +6,10 @@ is a matter of environment variables; the notebook itself hard-codes none of the
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from tests.fakes import provider_env
 from tests.fakes.gemini_fake import start_fake_gemini
@@ -20,8 +22,12 @@ FAKE_KEY = "test-key-for-local-fakes"  # the fakes reject any other key
 def notebook_services() -> Iterator[dict[str, str]]:
     """Start the provider fakes; yield the environment variables that point notebooks at them."""
     with start_fake_openai(api_key=FAKE_KEY) as openai_fake, \
-            start_fake_gemini(api_key=FAKE_KEY) as gemini_fake:
+            start_fake_gemini(api_key=FAKE_KEY) as gemini_fake, \
+            tempfile.TemporaryDirectory(prefix="dhllm-gitconfig-") as git_home:
         yield {
+            # Notebook 01 runs the chapter's `git lfs install`: let it write to a throw-away
+            # global git config, not to the user's ~/.gitconfig.
+            "GIT_CONFIG_GLOBAL": str(Path(git_home) / "gitconfig"),
             "DHLLM_OFFLINE": "1",  # notebook 01 uses its local mirror, never a real hub
             # The chapter's curl sends no max_length: keep CPU answers short under test.
             "DHLLM_DEFAULT_MAX_NEW_TOKENS": "48",

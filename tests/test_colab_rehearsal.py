@@ -119,6 +119,12 @@ def colab_venv(tmp_path_factory: pytest.TempPathFactory) -> ColabVenv:
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         check=True, capture_output=True, text=True).stdout.strip())
     (site / "_colab_preinstalled.pth").write_text(f"{shared_site_packages(base / 'preinstalled')}\n")
+    # Colab's preinstalled huggingface_hub puts `hf` on PATH too: notebooks run `!hf download`.
+    (hf,) = importlib.metadata.entry_points(group="console_scripts", name="hf")
+    launcher = venv / "bin" / "hf"
+    launcher.write_text(f"#!{python}\nimport sys\nfrom {hf.module} import {hf.attr}\n"
+                        f"sys.exit({hf.attr}())\n")
+    launcher.chmod(0o755)
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     ours = str(Path(sys.executable).parent)

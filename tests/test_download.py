@@ -321,7 +321,11 @@ def test_git_source_without_git_lfs_refuses(
 
 
 @pytest.mark.skipif(not git_lfs_available(), reason="git-lfs is not installed here")
-def test_git_source_with_git_lfs_never_leaves_pointers(tmp_path: Path) -> None:
+def test_git_source_with_git_lfs_never_leaves_pointers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # download() runs `git lfs install`: let it write a throw-away config, not ~/.gitconfig.
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "gitconfig"))
     bare = make_bare_repo_with_pointer(tmp_path)
     with pytest.raises((DownloadError, VerificationError), match="lfs|pointer"):
         download(str(bare), "git", tmp_path / "clone")

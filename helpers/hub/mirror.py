@@ -1,9 +1,11 @@
-"""A local model hub: serves ``ROOT/{org}/{name}/...`` with the Hugging Face and ModelScope APIs.
+"""A local model hub: serves ``ROOT/{org}/{name}/...`` with the Hugging Face and ModelScope APIs
+and over git.
 
 With ``HF_ENDPOINT=http://127.0.0.1:8090`` the unchanged ``hf download``, ``snapshot_download``,
 ``hf_hub_download`` and ``from_pretrained("org/name")`` download from it, and so does
-``modelscope.snapshot_download`` with ``MODELSCOPE_ENDPOINT=http://127.0.0.1:8090``: a classroom
-or an offline CI shares one copy of the weights. Written by hand because nothing on PyPI serves
+``modelscope.snapshot_download`` with ``MODELSCOPE_ENDPOINT=http://127.0.0.1:8090``;
+``git clone http://127.0.0.1:8090/org/name`` works too, weights through Git LFS
+(``helpers.hub.mirror_git``). A classroom or an offline CI shares one copy of the weights. Written by hand because nothing on PyPI serves
 both APIs from a plain folder (olah, the nearest, fails on a tokenizer's
 ``additional_chat_templates`` probe).
 """
@@ -25,6 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from helpers.background_server import ServerHandle, display_url, ensure_port_free, start_uvicorn
 from helpers.config import get_settings
+from helpers.hub.mirror_git import add_git_routes
 from helpers.hub.mirror_store import MirrorError, MirrorRoot
 
 
@@ -122,6 +125,7 @@ def create_mirror_app(root: str | Path, throttle: float | None = None) -> FastAP
 
     _add_hf_routes(app, mirror)
     _add_modelscope_routes(app, mirror)
+    add_git_routes(app, mirror)
     return app
 
 
@@ -317,4 +321,9 @@ def serve_mirror(
     )
     print(f"  export HF_ENDPOINT={url} MODELSCOPE_ENDPOINT={url}", file=sys.stderr)
     print(f'  PowerShell: $env:HF_ENDPOINT = "{url}"', file=sys.stderr)
+    if repos:
+        print(f"  git lfs install; git clone {url}/{repos[0]}", file=sys.stderr)
+    if host in ("0.0.0.0", "::"):
+        print("  other machines: use this machine's LAN address instead of 127.0.0.1",
+              file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="warning")
