@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from helpers.config import NOTEBOOK_PORTS, get_settings
-from helpers.hardware import GIB, estimate_gib
+from helpers.hardware import Gpu
 
 Level = Literal["ok", "note", "problem"]
 
@@ -67,9 +67,9 @@ def check_python(version: tuple[int, ...] | None = None, requires: str | None = 
     version = version or sys.version_info[:3]
     if requires is None:
         try:
-            requires = importlib.metadata.metadata("dhllm")["Requires-Python"] or ">=3.10"
+            requires = importlib.metadata.metadata("dhllm")["Requires-Python"] or ">=3.11"
         except importlib.metadata.PackageNotFoundError:  # a bare checkout on PYTHONPATH
-            requires = ">=3.10"
+            requires = ">=3.11"
     shown = ".".join(map(str, version))
     if shown in SpecifierSet(requires):
         return _ok("python", f"Python {shown}", f"Python {shown}")
@@ -114,8 +114,7 @@ class TorchBuild:
     version: str
     cuda: str | None
     available: bool
-    gpu_name: str | None = None
-    gpu_gib: float | None = None
+    gpu: Gpu | None = None
 
 
 def torch_build() -> TorchBuild | None:
@@ -124,12 +123,11 @@ def torch_build() -> TorchBuild | None:
         import torch
     except ImportError:
         return None
+    from helpers.hardware import detect_gpu
+
     available = bool(torch.cuda.is_available())
-    name = gib = None
-    if available:
-        name = torch.cuda.get_device_name(0)
-        gib = torch.cuda.get_device_properties(0).total_memory / GIB
-    return TorchBuild(str(torch.__version__), torch.version.cuda, available, name, gib)
+    return TorchBuild(str(torch.__version__), torch.version.cuda, available,
+                      detect_gpu() if available else None)
 
 
 def _major_minor(version: str) -> tuple[int, ...]:
@@ -143,8 +141,9 @@ def check_torch(build: TorchBuild | None, smi: Smi | None) -> Finding:
                        f'pip install -e ".[dev]" (with a GPU: the command from {TORCH_SELECTOR})')
     gpus = smi.gpus if smi else []
     if build.available:
-        return _ok("torch", f"torch {build.version}（CUDA {build.cuda}）能用 GPU {build.gpu_name}",
-                   f"torch {build.version} (CUDA {build.cuda}) sees {build.gpu_name}")
+        name = build.gpu.name if build.gpu else "?"
+        return _ok("torch", f"torch {build.version}（CUDA {build.cuda}）能用 GPU {name}",
+                   f"torch {build.version} (CUDA {build.cuda}) sees {name}")
     if build.cuda is None and gpus:
         return Finding("torch", "problem",
                        f"有 NVIDIA GPU（{gpus[0][0]}），但 torch {build.version} 是 CPU 版，用不了 GPU",
@@ -174,43 +173,43 @@ def check_torch(build: TorchBuild | None, smi: Smi | None) -> Finding:
 # ---------------------------------------------------------------- the GPU and Linly-7B
 
 
-def check_gpu_memory(gpu_gib: float | None, name: str | None = None,
-                     bitsandbytes: bool | None = None) -> list[Finding]:
-    """What the GPU's memory means for the chapter's Linly-7B: 16-bit, 4-bit or a smaller model."""
-    from helpers.models import get_spec
+def check_gpu_memory(gpu: Gpu | None, bitsandbytes: bool | None = None) -> list[Finding]:
+    """What the GPU means for the chapter's Linly-7B, by ``choose_precision`` (the loaders' rule)."""
+    from helpers.models import choose_precision, get_spec
 
-    if gpu_gib is None:
+    if gpu is None:
         return [Finding("gpu", "note", "没有 CUDA GPU：notebook 用 CPU 上的小模型（Qwen2.5-0.5B，离线时用内置替身）",
                         "no CUDA GPU: the notebooks use a small CPU model (Qwen2.5-0.5B, or the "
                         "embedded stand-in offline); Linly-7B needs a GPU such as Colab's T4")]
     spec = get_spec("linly-7b")
-    need16 = estimate_gib(spec.params_b, spec.kv_kib_per_token, "float16")
-    need4 = estimate_gib(spec.params_b, spec.kv_kib_per_token, "4bit")
-    gpu = f"{name or 'GPU'}（{gpu_gib:.1f} GiB）"
-    if gpu_gib >= need16:
-        margin = gpu_gib - need16
+    chosen = choose_precision(spec, gpu, get_settings().quantize)
+    need = chosen.need_gib or 0.0
+    shown = f"{gpu.name}（{gpu.memory_gib:.1f} GiB）"
+    if not chosen.fits:
+        return [Finding("gpu", "note",
+                        f"{shown}：Linly-7B 即使 {chosen.quantize or '16 位'} 也要约 {need:.1f} GiB，放不下；"
+                        f"notebook 会换成更小的 Qwen2.5",
+                        f"{shown}: Linly-7B needs ~{need:.1f} GiB even in "
+                        f"{chosen.quantize or '16-bit'}; the notebooks use a smaller Qwen2.5 (for "
+                        f"Linly-7B use a Colab T4)")]
+    margin = gpu.memory_gib - need
+    if chosen.quantize is None:
         tight = f"，余量很小（只剩约 {margin:.1f} GiB）" if margin < 1 else ""
-        found = [Finding("gpu", "ok" if margin >= 1 else "note",
-                         f"{gpu}：Linly-7B 可以用 16 位加载（约 {need16:.1f} GiB，含 2k token 的 KV 缓存）{tight}",
-                         f"{gpu}: Linly-7B fits in 16-bit (~{need16:.1f} GiB incl. a 2k-token KV "
-                         f"cache), {margin:.1f} GiB to spare")]
-        return found
-    if gpu_gib >= need4:
-        if bitsandbytes is None:
-            bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
-        found = [Finding("gpu", "note",
-                         f"{gpu}：Linly-7B 的 16 位要约 {need16:.1f} GiB，放不下，会用 4-bit（约 {need4:.1f} GiB）",
-                         f"{gpu}: Linly-7B needs ~{need16:.1f} GiB in 16-bit; it will load in 4-bit "
-                         f"(~{need4:.1f} GiB)")]
-        if not bitsandbytes:
-            found.append(Finding("bitsandbytes", "problem", "4-bit 加载需要 bitsandbytes，但没有安装",
-                                 "4-bit loading needs bitsandbytes, which is not installed",
-                                 'pip install "bitsandbytes>=0.43"  (in a checkout: pip install -e ".[gpu]")'))
-        return found
-    return [Finding("gpu", "note",
-                    f"{gpu}：Linly-7B 即使 4-bit 也要约 {need4:.1f} GiB，放不下；notebook 会换成更小的 Qwen2.5",
-                    f"{gpu}: Linly-7B needs ~{need4:.1f} GiB even in 4-bit; the notebooks use a "
-                    f"smaller Qwen2.5 (for Linly-7B use a Colab T4)")]
+        return [Finding("gpu", "ok" if margin >= 1 else "note",
+                        f"{shown}：Linly-7B 可以用 16 位加载（约 {need:.1f} GiB，含 2k token 的 KV 缓存）{tight}",
+                        f"{shown}: Linly-7B fits in 16-bit (~{need:.1f} GiB incl. a 2k-token KV "
+                        f"cache), {margin:.1f} GiB to spare")]
+    found = [Finding("gpu", "note",
+                     f"{shown}：Linly-7B 会用 {chosen.quantize} 加载（约 {need:.1f} GiB）",
+                     f"{shown}: Linly-7B will load in {chosen.quantize} (~{need:.1f} GiB)")]
+    if bitsandbytes is None:
+        bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
+    if not bitsandbytes:
+        found.append(Finding("bitsandbytes", "problem",
+                             f"{chosen.quantize} 加载需要 bitsandbytes，但没有安装",
+                             f"{chosen.quantize} loading needs bitsandbytes, which is not installed",
+                             'pip install "bitsandbytes>=0.43"  (in a checkout: pip install -e ".[gpu]")'))
+    return found
 
 
 # ---------------------------------------------------------------- disk
@@ -277,15 +276,14 @@ def check_proxies(url: str = "http://127.0.0.1:7871") -> Finding:
 
 
 def _offline() -> bool:
-    hf_offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    return get_settings().offline or hf_offline
+    return get_settings().offline_mode()
 
 
 def default_hubs() -> list[tuple[str, str]]:
     """``(label, url)`` of the hubs the notebooks use; ``HF_ENDPOINT`` replaces huggingface.co."""
     from helpers.hub import HF_ENDPOINT, HF_MIRROR_ENDPOINT, MODELSCOPE_ENDPOINT
 
-    custom = os.environ.get("HF_ENDPOINT")
+    custom = get_settings().hf_endpoint
     first = ("HF_ENDPOINT", custom.rstrip("/")) if custom else ("Hugging Face", HF_ENDPOINT)
     modelscope = os.environ.get("MODELSCOPE_ENDPOINT", MODELSCOPE_ENDPOINT).rstrip("/")
     hubs = [first, ("hf-mirror", HF_MIRROR_ENDPOINT), ("ModelScope", modelscope)]
@@ -325,7 +323,7 @@ def check_hubs(hubs: list[tuple[str, str]] | None = None, timeout: float = HUB_T
 
 def check_ports(ports: dict[str, int] | None = None) -> list[Finding]:
     """The notebooks' ports (``NOTEBOOK_PORTS``): free, held by a notebook kernel, or blocked."""
-    from helpers.serving import port_holder, port_in_use_message, port_taken
+    from helpers.background_server import port_holder, port_in_use_message, port_taken
 
     ports = ports or NOTEBOOK_PORTS
     found, free = [], []
@@ -390,12 +388,13 @@ def run_checks(hubs: bool = True) -> list[Finding]:
     """Every check, in the order a learner meets them; ``hubs=False`` skips the network probes."""
     build = torch_build()
     smi = nvidia_smi()
-    gib = build.gpu_gib if build and build.available else None
-    name = build.gpu_name if build and build.available else None
-    if gib is None and smi and smi.gpus:  # CPU torch on a GPU machine: what the GPU would allow
-        name, gib = smi.gpus[0][0], smi.gpus[0][1] / 1024
+    gpu = build.gpu if build else None
+    if gpu is None and smi and smi.gpus:  # CPU torch on a GPU machine: what the GPU would allow
+        # nvidia-smi gives no compute capability on older drivers: assume a T4's (fp16); the
+        # memory needed is the same in bf16.
+        gpu = Gpu(smi.gpus[0][0], smi.gpus[0][1] / 1024, (7, 5))
     found = _guarded("python", check_python) + _guarded("torch", lambda: check_torch(build, smi))
-    found += _guarded("gpu", lambda: check_gpu_memory(gib, name))
+    found += _guarded("gpu", lambda: check_gpu_memory(gpu))
     hub_found = _guarded("hubs", check_hubs) if hubs else []
     nothing_up = any(f.level == "problem" and f.en.startswith("no hub") for f in hub_found)
     online = not (_offline() or nothing_up)

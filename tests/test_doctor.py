@@ -17,7 +17,8 @@ import pytest
 import requests
 
 from helpers import doctor
-from helpers.serving import free_port
+from helpers.background_server import free_port
+from helpers.hardware import Gpu
 from tests.test_notebooks import NOTEBOOKS, setup_cell
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,15 +193,21 @@ def test_disk_space_for_a_download(tmp_path: Path):
 @pytest.mark.parametrize(("gib", "levels", "words"), [
     (14.74, ["note"], "fits in 16-bit"),  # a T4 as torch reports it: tight
     (39.4, ["ok"], "fits in 16-bit"),  # A100 40GB
-    (11.6, ["note", "problem"], "will load in 4-bit"),  # RTX 3060 12 GB, no bitsandbytes
-    (3.6, ["note"], "even in 4-bit"),
+    (11.6, ["note", "problem"], "will load in 4bit"),  # RTX 3060 12 GB, no bitsandbytes
+    (3.6, ["note"], "even in 4bit"),
 ])
-def test_what_gpu_memory_means_for_linly_7b(gib: float, levels: list[str], words: str):
-    found = doctor.check_gpu_memory(gib, "GPU", bitsandbytes=False)
+def test_what_gpu_memory_means_for_linly_7b(gib: float, levels: list[str], words: str,
+                                            monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("DHLLM_QUANTIZE", raising=False)
+    found = doctor.check_gpu_memory(Gpu("GPU", gib, (7, 5)), bitsandbytes=False)
     assert [f.level for f in found] == levels and words in found[0].en
     if "problem" in levels:
         assert "bitsandbytes" in found[1].en and "bitsandbytes>=0.43" in found[1].fix
-    assert [f.level for f in doctor.check_gpu_memory(11.6, "GPU", bitsandbytes=True)] == ["note"]
+    assert [f.level for f in doctor.check_gpu_memory(Gpu("GPU", 11.6, (8, 6)), True)] == ["note"]
+    # DHLLM_QUANTIZE=4bit on a big card: 4-bit is what loads, so bitsandbytes is needed there too.
+    monkeypatch.setenv("DHLLM_QUANTIZE", "4bit")
+    big = doctor.check_gpu_memory(Gpu("GPU", 39.4, (8, 0)), bitsandbytes=False)
+    assert [f.level for f in big] == ["note", "problem"]
 
 
 # ---------------------------------------------------------------- a real `dhllm doctor` process
@@ -272,7 +279,7 @@ def test_cuda_torch_with_a_driver_too_old(tmp_path: Path):
     assert "the driver supports CUDA 12.4 at most; torch 2.13.0+cu130 needs 13.0" in out
     assert "update the NVIDIA driver" in out
     # 8 GiB: Linly-7B in 4-bit, and bitsandbytes is missing (a fake one below makes it present).
-    assert "it will load in 4-bit" in out
+    assert "Linly-7B will load in 4bit" in out
 
 
 def test_bitsandbytes_is_a_problem_only_when_4bit_would_be_chosen(tmp_path: Path):
@@ -281,7 +288,7 @@ def test_bitsandbytes_is_a_problem_only_when_4bit_would_be_chosen(tmp_path: Path
     gpu = ("NVIDIA GeForce RTX 3060", 12288)
     if importlib.util.find_spec("bitsandbytes") is None:  # the condition itself, not a mock
         missing = run_doctor(tmp_path / "a", torch_cuda="12.6", gpu=gpu, driver_cuda="12.6")
-        assert "✗ [bitsandbytes] 4-bit 加载需要 bitsandbytes，但没有安装" in missing.stdout
+        assert "✗ [bitsandbytes] 4bit 加载需要 bitsandbytes，但没有安装" in missing.stdout
         assert 'pip install "bitsandbytes>=0.43"' in missing.stdout
     present = run_doctor(tmp_path / "b", torch_cuda="12.6", gpu=gpu, driver_cuda="12.6",
                          fake_packages=("bitsandbytes",))
