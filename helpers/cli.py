@@ -229,6 +229,22 @@ def bench(
     run_bench(cfg)
 
 
+@app.command()
+def doctor(
+    hubs: Annotated[bool, typer.Option(help="probe Hugging Face, hf-mirror and ModelScope")] = True,
+) -> None:
+    """Check this machine for what would trip up the notebooks, with a fix for each problem.
+
+    Exit code 0: no problem found (notes are fine); 1: at least one problem.
+    """
+    from helpers.doctor import report, run_checks
+
+    findings = run_checks(hubs=hubs)
+    typer.echo(report(findings))
+    if any(f.level == "problem" for f in findings):
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Entry point of the ``dhllm`` console script."""
     app()
