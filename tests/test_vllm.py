@@ -24,7 +24,7 @@ from helpers.serving import ServerHandle, free_port
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(find_vllm_python() is None,
+    pytest.mark.skipif(find_vllm_python(get_settings().vllm_python) is None,
                        reason="vLLM is not installed (make vllm: Linux x86-64 only)"),
 ]
 KEY = "dhllm-vllm-test-key"

@@ -21,7 +21,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,11 +150,9 @@ class ReplicaSet:
               progress: Callable[[str], None] | None = None) -> ReplicaSet:
         """Start the local replicas together, then the router over those that answer."""
         self.start_timeout = timeout
-        local = [r for r in self.replicas if r.process is not None]
+        local = [r.process for r in self.replicas if r.process is not None]
         try:
-            with ThreadPoolExecutor(max(1, len(local))) as pool:
-                for future in [pool.submit(r.process.start, timeout, progress) for r in local]:
-                    future.result()
+            _all_at_once([lambda p=p: p.start(timeout, progress) for p in local])
             for replica in self.replicas:
                 replica.healthy = self._answers(replica)
                 replica.routed = replica.healthy
@@ -182,8 +179,7 @@ class ReplicaSet:
         self.router.stop()
         local = [r.process for r in self.replicas if r.process is not None]
         for _ in range(2):  # again once restarts in flight have seen their process go
-            with ThreadPoolExecutor(max(1, len(local))) as pool:
-                list(pool.map(lambda p: p.stop(), local))
+            _all_at_once([p.stop for p in local])
             deadline = time.monotonic() + 15
             while any(r.restarting for r in self.replicas) and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -265,3 +261,26 @@ class ReplicaSet:
             return self._session.get(replica.url + "/health", timeout=3).status_code == 200
         except requests.RequestException:
             return False
+
+
+def _all_at_once(calls: Sequence[Callable[[], Any]]) -> None:
+    """Run ``calls`` in threads together; raise the first error once all are done.
+
+    Plain threads, not an executor: ``stop()`` also runs from atexit hooks, where an executor
+    refuses new work ("cannot schedule new futures after interpreter shutdown").
+    """
+    errors: list[BaseException] = []
+
+    def run(call: Callable[[], Any]) -> None:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,), daemon=True) for c in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]

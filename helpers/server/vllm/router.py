@@ -19,6 +19,7 @@ from typing import Any
 import requests
 
 from helpers.server.vllm.process import ChildProcess, VLLMError, has_module, python_in
+from helpers.serving import free_port
 
 POLICIES = ("cache_aware", "round_robin", "power_of_two", "consistent_hash", "random")
 INSTALL_HINT = ("vllm-router was not found: `make vllm` installs it beside vLLM (or "
@@ -60,6 +61,7 @@ class RouterProcess(ChildProcess):
         self.policy = policy
         self.health_interval_s = health_interval_s
         self.retries = retries
+        self.metrics_port = free_port()
         self._session = requests.Session()
         self._session.trust_env = False  # loopback calls must not go through a proxy
 
@@ -83,6 +85,9 @@ class RouterProcess(ChildProcess):
             # A refused connection is retried on another worker; "1" means no retry at all.
             "--retry-max-retries", str(max(1, self.retries + 1)),
             "--retry-initial-backoff-ms", "100", "--retry-max-backoff-ms", "2000",
+            # Its Prometheus exporter takes a fixed port by default: a second router failed
+            # to start ("Address already in use").
+            "--prometheus-host", self.host, "--prometheus-port", str(self.metrics_port),
         ]  # fmt: skip
 
     def workers(self) -> list[dict[str, Any]]:
