@@ -18,8 +18,8 @@ import requests
 
 from helpers.config import get_settings
 from helpers.server import create_app, serve_in_background
-from helpers.server.vllm.process import find_vllm_python
 from helpers.server.vllm.relay import VLLMEngine
+from helpers.server.vllm.venv import find_vllm_python
 from helpers.serving import ServerHandle, free_port
 
 pytestmark = [

@@ -218,18 +218,19 @@ def gateway(replicas: int, env: dict[str, str], progress: Callable[[str], None])
 
 
 def measure(learners: int = 30, tokens: int = 48, runs: int = 2, eager: bool = True,
+            order: tuple[int, ...] = (1, 2),
             progress: Callable[[str], None] = print) -> dict[str, Any]:
     """All three measurements; returns the figures (also printed as they come)."""
     env = {"DHLLM_VLLM_KVCACHE_GB": "1", "DHLLM_API_KEY": "",
            "DHLLM_VLLM_ARGS": "--enforce-eager" if eager else ""}
     results: dict[str, Any] = {"learners": learners, "tokens": tokens,
                                "cores": len(os.sched_getaffinity(0)), "eager": eager}
-    for n in (1, 2):
+    for n in order:
         server = gateway(n, env, progress)
         try:
             classroom(server.url, learners, tokens)  # warm-up: vLLM is slow in its first runs
             runs_out = [classroom(server.url, learners, tokens) for _ in range(runs)]
-            results[f"replicas_{n}"] = runs_out
+            results.setdefault(f"replicas_{n}", []).extend(runs_out)
             progress(f"  {learners} learners, {n} replica(s): {runs_out}")
             if n == 2:
                 results.update(policies_and_kill(server, env, tokens, progress))
@@ -264,10 +265,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=2, help="measured runs per set-up")
     parser.add_argument("--compiled", action="store_true",
                         help="let vLLM compile (slower starts, faster steps)")
+    parser.add_argument("--order", default="1,2",
+                        help="replica counts, in the order measured (e.g. 2,1 or 1,2,1)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    results = measure(args.learners, args.tokens, args.runs, eager=not args.compiled)
+    order = tuple(int(n) for n in args.order.split(","))
+    results = measure(args.learners, args.tokens, args.runs, eager=not args.compiled, order=order)
     results["minutes"] = round((time.monotonic() - started) / 60, 1)
     print(json.dumps(results, indent=1))
     if args.json:

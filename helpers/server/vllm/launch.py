@@ -18,11 +18,12 @@ from helpers.chat import get_chat_model
 from helpers.config import Settings
 from helpers.hardware import detect_gpu, estimate_gib
 from helpers.models import ModelSpec, choose_placement, model_folder, resolve
-from helpers.server.vllm.process import VLLMError, VLLMProcess, find_vllm_python, gpu_command
+from helpers.server.vllm.process import VLLMProcess, gpu_command
 from helpers.server.vllm.relay import VLLMEngine
 from helpers.server.vllm.replicas import ReplicaSet
 from helpers.server.vllm.router import INSTALL_HINT as ROUTER_HINT
 from helpers.server.vllm.router import find_router_python
+from helpers.server.vllm.venv import VLLMError, find_vllm_python
 from helpers.serving import free_port
 
 REPLICA_RETRIES = 2  # a request that failed before its first token, tried on another replica

@@ -27,8 +27,9 @@ from typing import Any
 
 import requests
 
-from helpers.server.vllm.process import VLLMError, VLLMProcess, cpu_range, usable_cpus
+from helpers.server.vllm.process import VLLMProcess, cpu_range, usable_cpus
 from helpers.server.vllm.router import RouterProcess
+from helpers.server.vllm.venv import VLLMError
 from helpers.serving import free_port
 
 log = logging.getLogger("dhllm.server.vllm")

@@ -18,7 +18,8 @@ from typing import Any
 
 import requests
 
-from helpers.server.vllm.process import ChildProcess, VLLMError, has_module, python_in
+from helpers.server.vllm.process import ChildProcess
+from helpers.server.vllm.venv import VLLMError, has_module, python_in
 from helpers.serving import free_port
 
 POLICIES = ("cache_aware", "round_robin", "power_of_two", "consistent_hash", "random")
