@@ -1,4 +1,7 @@
-"""Past one engine, measured: ``python -m helpers.bench.replicas`` (about 4-6 min on 2 cores).
+"""Past one engine, measured: ``python -m helpers.bench.replicas``.
+
+It took 9-11 min on a 2-core machine shared with other jobs, where one vLLM start took ~2 min;
+on a quiet one the starts take ~30-40 s and the whole run should stay within ~6 min.
 
 Every figure goes through ``dhllm serve --engine vllm`` in its own process, as deployed:
 
