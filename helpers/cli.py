@@ -166,6 +166,12 @@ def serve(
     log_prompts: Annotated[bool, typer.Option(help="write prompts into the request log")] = False,
     engine: Annotated[str, typer.Option(
         help="builtin (continuous batching here) or vllm (vLLM in its own venv)")] = "builtin",
+    replicas: Annotated[int | None, typer.Option(
+        min=1, help="vLLM replicas behind vllm-router (one per GPU, or per share of CPU "
+        "cores); default 1 (DHLLM_VLLM_REPLICAS)")] = None,
+    policy: Annotated[str | None, typer.Option(
+        help="vllm-router's policy: cache_aware (default), round_robin, power_of_two, "
+        "consistent_hash, random")] = None,
 ) -> None:
     """Serve a model: the chapter's POST / and an OpenAI-compatible /v1 (docs at /docs)."""
     from helpers.server import PortInUseError
@@ -180,7 +186,7 @@ def serve(
         typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
     try:
         run_server(model or settings.model, host, port, key, log_prompts or settings.log_prompts,
-                   engine=engine)
+                   engine=engine, replicas=replicas, policy=policy)
     except (PortInUseError, ValueError, KeyError, RuntimeError) as exc:
         _fail(str(exc))
 

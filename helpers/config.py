@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     vllm_args: str = ""
     vllm_kvcache_gb: int = 2
     vllm_start_timeout: float = 600.0
+    # Past one engine (``--replicas N``): N vLLM behind vllm-router, which routes by this policy
+    # (cache_aware keeps a conversation on the replica that holds its prefix), found beside vLLM
+    # unless DHLLM_VLLM_ROUTER_PYTHON names a python that has it.
+    vllm_replicas: int = Field(default=1, ge=1)
+    vllm_policy: str = "cache_aware"
+    vllm_router_python: str | None = None
 
     @field_validator("hf_hub_offline", mode="before")
     @classmethod

@@ -348,7 +348,7 @@ def test_the_no_gpu_online_choice_downloads_from_the_hub_and_answers(no_gpu, tin
     ("RTX 3070", ("bfloat16", "bitsandbytes")),
 ])
 def test_vllm_gets_the_precision_load_model_would_pick(isolated, gpu, expected):
-    from helpers.server.vllm_launch import vllm_precision
+    from helpers.server.vllm.launch import vllm_precision
 
     if gpu is None:
         isolated.setattr(torch.cuda, "is_available", lambda: False)

@@ -18,13 +18,13 @@ import requests
 
 from helpers.config import get_settings
 from helpers.server import create_app, serve_in_background
-from helpers.server.vllm_engine import VLLMEngine
-from helpers.server.vllm_process import find_vllm_python
+from helpers.server.vllm.relay import VLLMEngine
+from helpers.server.vllm.venv import find_vllm_python
 from helpers.serving import ServerHandle, free_port
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(find_vllm_python() is None,
+    pytest.mark.skipif(find_vllm_python(get_settings().vllm_python) is None,
                        reason="vLLM is not installed (make vllm: Linux x86-64 only)"),
 ]
 KEY = "dhllm-vllm-test-key"
@@ -36,7 +36,7 @@ PROGRESS: list[str] = []
 
 @pytest.fixture(scope="module")
 def vllm_app() -> Iterator[tuple[ServerHandle, VLLMEngine]]:
-    from helpers.server.vllm_launch import start_vllm_engine
+    from helpers.server.vllm.launch import start_vllm_engine
 
     settings = get_settings(vllm_args="--enforce-eager", vllm_kvcache_gb=1)
     chat_model, engine = start_vllm_engine("embedded", settings, progress=PROGRESS.append)
@@ -60,7 +60,7 @@ def running_upstream(engine: VLLMEngine) -> float:
 
 def test_start_reports_progress_and_a_busy_port_is_refused_at_once(
         vllm_app: tuple[ServerHandle, VLLMEngine]) -> None:
-    from helpers.server.vllm_process import VLLMProcess
+    from helpers.server.vllm.process import VLLMProcess
     from helpers.serving import PortInUseError
 
     _, engine = vllm_app
@@ -119,7 +119,7 @@ def test_a_disconnect_stops_the_generation_upstream(
 
 def test_a_second_gateway_with_a_key_and_503_when_vllm_is_down(
         vllm_app: tuple[ServerHandle, VLLMEngine]) -> None:
-    from helpers.server.vllm_launch import start_vllm_engine
+    from helpers.server.vllm.launch import start_vllm_engine
 
     server, engine = vllm_app
     # Another stateless gateway in front of the same vLLM (DHLLM_VLLM_URL): nothing started.

@@ -1,66 +1,20 @@
-"""vLLM's CPU build as a subprocess: start on the embedded model, answer, stop without orphans.
+"""vLLM's command lines (the one we start and the one a learner runs on a GPU are the same argv),
+where replicas run (GPUs, CPU cores), and vllm-router's command line: no process started here.
 
-Needs a Python with vLLM (``.venv-vllm`` at the repo root, ``DHLLM_VLLM_PYTHON``, or ``vllm`` on
-PATH) and Linux x86-64 (the only CPU wheel). A start takes ~1-1.5 min on 2 cores.
+Starting vLLM itself is tested in ``test_vllm.py`` (one server) and ``test_vllm_replicas.py``
+(two replicas behind vllm-router); both skip where vLLM is not installed.
 """
 
 from __future__ import annotations
 
-import os
-import platform
-import socket
-from pathlib import Path
+import shlex
 
 import pytest
 
-from helpers.server.vllm_process import find_vllm_python, gpu_command
-
-pytestmark = pytest.mark.slow
-
-
-def _vllm_python() -> Path | None:
-    """The interpreter to test with, or None (then the test skips)."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None
-    return find_vllm_python(os.environ.get("DHLLM_VLLM_PYTHON"))
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie (a container's init may reap late)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
-
-
-def _children(pid: int) -> list[int]:
-    """All descendants of ``pid`` (from /proc: no psutil in the main venv's requirements)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
-            parents.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = parents.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+from helpers.server.vllm.process import VLLMProcess, cpu_range, gpu_command
+from helpers.server.vllm.replicas import gpu_ids, placements
+from helpers.server.vllm.router import RouterProcess
+from helpers.server.vllm.venv import VLLMError
 
 
 def test_gpu_command_names_dtype_and_quantization() -> None:
@@ -70,3 +24,66 @@ def test_gpu_command_names_dtype_and_quantization() -> None:
     assert "--host 127.0.0.1" in cmd
     with pytest.raises(ValueError):
         gpu_command("/m", dtype="float32")
+
+
+def test_the_gpu_command_is_the_argv_we_start() -> None:
+    served = VLLMProcess("/m/linly", "linly", 8000, ".venv-vllm/bin/python", dtype="float16",
+                         max_model_len=4096, extra_args=["--quantization", "bitsandbytes"])
+    printed = gpu_command("/m/linly", "linly", dtype="float16", quantization="bitsandbytes",
+                          install=False)
+    assert shlex.split(printed) == served.command()
+
+
+@pytest.mark.parametrize(("cpus", "expected"), [
+    ([0], "0"), ([0, 1], "0-1"), ([0, 2, 3], "0,2-3"), ([4, 5, 6, 9], "4-6,9"),
+])
+def test_cpu_ranges_as_vllm_wants_them(cpus: list[int], expected: str) -> None:
+    assert cpu_range(cpus) == expected
+
+
+def test_one_replica_per_gpu_and_tensor_parallel_over_a_larger_share() -> None:
+    assert placements(2, gpus=["0", "1"]) == [({"CUDA_VISIBLE_DEVICES": "0"}, []),
+                                              ({"CUDA_VISIBLE_DEVICES": "1"}, [])]
+    tp = ["--tensor-parallel-size", "2"]
+    assert placements(2, gpus=["4", "5", "6", "7"]) == [({"CUDA_VISIBLE_DEVICES": "4,5"}, tp),
+                                                        ({"CUDA_VISIBLE_DEVICES": "6,7"}, tp)]
+    with pytest.raises(VLLMError, match="3 replicas need at least 3 GPUs"):
+        placements(3, gpus=["0", "1"])
+
+
+def test_on_a_cpu_each_replica_gets_cores_of_its_own() -> None:
+    binds = [env["VLLM_CPU_OMP_THREADS_BIND"] for env, _ in placements(2, gpus=[], cpus=[0, 1])]
+    assert binds == ["0", "1"]
+    binds = [env["VLLM_CPU_OMP_THREADS_BIND"] for env, _ in placements(3, gpus=[],
+                                                                         cpus=range(8))]
+    assert binds == ["0-1", "2-3", "4-5"]
+    with pytest.raises(VLLMError, match="--replicas 2 or fewer"):
+        placements(3, gpus=[], cpus=[0, 1])
+
+
+def test_gpu_ids_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")
+    assert gpu_ids() == ["2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")  # "no GPU" by convention
+    assert gpu_ids() == []
+
+
+def test_the_router_command_and_bad_policies() -> None:
+    router = RouterProcess(["http://127.0.0.1:8001/", "http://127.0.0.1:8002"], 9000, "py",
+                           policy="round_robin")
+    argv = router.command()
+    urls = argv[argv.index("--worker-urls") + 1:argv.index("--policy")]
+    assert urls == ["http://127.0.0.1:8001", "http://127.0.0.1:8002"]
+    assert argv[argv.index("--policy") + 1] == "round_robin"
+    assert argv[argv.index("--port") + 1] == "9000"
+    with pytest.raises(ValueError, match="cache_aware, round_robin"):
+        RouterProcess(["http://127.0.0.1:8001"], 9000, "py", policy="fastest")
+    with pytest.raises(ValueError, match="at least one worker"):
+        RouterProcess([], 9000, "py")
+
+
+def test_replicas_need_the_vllm_engine() -> None:
+    from helpers.server import serve
+
+    with pytest.raises(ValueError, match="--engine vllm"):
+        serve("embedded", port=0, engine="builtin", replicas=2)

@@ -136,7 +136,7 @@ class VLLMPeer:
     relay's overhead to be the only difference between the two."""
 
     def __init__(self, req: PeerRequest) -> None:
-        from helpers.server.vllm_process import VLLMProcess, find_vllm_python
+        from helpers.server.vllm import VLLMProcess, find_vllm_python
 
         python = find_vllm_python(os.environ.get("DHLLM_VLLM_PYTHON"))
         if python is None:

@@ -68,11 +68,14 @@ def serve(
     api_key: str | None = None,
     log_prompts: bool = False,
     engine: str = "builtin",
+    replicas: int | None = None,
+    policy: str | None = None,
 ) -> None:
     """Load ``model_spec`` and serve it until Ctrl-C (the ``dhllm serve`` command).
 
     ``engine``: ``builtin`` (our continuous batching, in this process) or ``vllm`` (vLLM in
-    its own venv as a subprocess, stopped with the server).
+    its own venv as a subprocess, stopped with the server). ``replicas`` > 1 (vLLM only):
+    that many vLLM replicas behind vllm-router, routed by ``policy`` (default cache_aware).
     """
     import logging
 
@@ -87,10 +90,16 @@ def serve(
         overrides["port"] = port
     if api_key:
         overrides["api_key"] = api_key
+    if replicas is not None:
+        overrides["vllm_replicas"] = replicas
+    if policy:
+        overrides["vllm_policy"] = policy
     settings = get_settings(**overrides)
+    if settings.vllm_replicas > 1 and engine != "vllm":
+        raise ValueError("--replicas runs several vLLM servers: add --engine vllm")
     ensure_port_free(host, settings.port)  # fail before minutes of model loading, not after
     if engine == "vllm":
-        from helpers.server.vllm_launch import start_vllm_engine
+        from helpers.server.vllm.launch import start_vllm_engine
 
         chat_model, runner = start_vllm_engine(model_spec, settings, progress=print)
         app = create_app(chat_model, settings, engine=runner)

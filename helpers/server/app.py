@@ -62,7 +62,9 @@ def create_app(chat_model: ChatModel, settings: Settings | None = None,
     @app.get("/health", response_model=p.Health, tags=["meta"])
     async def health() -> p.Health:
         """Always open (no API key), cheap: for load balancers and notebooks."""
-        return p.Health(model=ctx.model_name, engine=engine.kind, stats=engine.stats.as_dict())
+        replicas = getattr(engine, "replica_health", None)  # vLLM replicas behind a router
+        return p.Health(model=ctx.model_name, engine=engine.kind, stats=engine.stats.as_dict(),
+                        replicas=replicas() if replicas is not None else None)
 
     app.include_router(linly.router)
     app.include_router(openai.router)

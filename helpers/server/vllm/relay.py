@@ -9,6 +9,13 @@ running count drops within ~0.1 s), so a client that hangs up stops the generati
 Chat-template models go to vLLM's ``/v1/chat/completions`` (vLLM applies the template);
 Linly-template models and verbatim Linly-Talker prompts go to ``/v1/completions`` with the
 rendered prompt and the template's stop strings, since Linly-7B has no chat template.
+
+Behind vllm-router (``retries`` > 0) a request whose replica fails is sent again, and the router
+picks another replica, as long as nothing of it reached the client: a reply the client gets
+whole (``Stream.buffered``: the chapter's ``POST /``, a non-streamed ``/v1``) is collected here
+and retried from scratch; a stream is retried only before its first token. A stream that had
+started ends with an error event: its text cannot be taken back. vLLM's stream that stops
+before ``[DONE]`` (its replica died) is such a failure, never a short answer.
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from helpers.chat.base import GenerationParams, Message, validate_messages
 from helpers.chat.prompts import LINLY_STOP, render_linly_prompt
@@ -27,13 +36,14 @@ CANCEL_POLL_S = 0.05  # how often a relay checks whether its client went away
 
 
 class VLLMEngine(Engine):
-    """Relays requests to a running vLLM server; ``process`` (if given) is stopped with it."""
+    """Relays requests to a running vLLM server (or vllm-router); ``process`` (a VLLMProcess or a
+    ReplicaSet, if given) is stopped with it; ``retries``: attempts after a failed one."""
 
     kind = "vllm"
 
     def __init__(self, chat_model: Any, base_url: str, served_name: str,
                  prompt_format: str | None = None, max_queue: int = 64, max_running: int = 256,
-                 process: Any = None, timeout: float = 600.0) -> None:
+                 process: Any = None, timeout: float = 600.0, retries: int = 0) -> None:
         super().__init__(chat_model, max_queue)
         self.base_url = base_url.rstrip("/")
         self.served_name = served_name
@@ -41,6 +51,8 @@ class VLLMEngine(Engine):
         self.max_in_flight = max_running + max_queue  # vLLM queues itself; this bounds memory
         self.process = process
         self.timeout = timeout
+        self.retries = retries
+        self.retried = 0  # attempts made again after a failure (all requests)
         self._client: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = True
@@ -59,6 +71,11 @@ class VLLMEngine(Engine):
                 asyncio.get_running_loop().create_task(client.aclose())
         if self.process is not None:
             self.process.stop()
+
+    def replica_health(self) -> dict[str, Any] | None:
+        """Replicas in all and healthy (behind a router we started), for ``/health``."""
+        health = getattr(self.process, "health", None)
+        return {**health(), "retried": self.retried} if health is not None else None
 
     def submit(self, messages: Sequence[Message], params: GenerationParams,
                prompt_text: str | None = None) -> Stream:
@@ -124,7 +141,8 @@ class VLLMEngine(Engine):
         relay = asyncio.current_task()
         watcher = asyncio.create_task(self._cancel_when_abandoned(stream, relay))
         try:
-            finish = await self._copy(stream, *self._request(messages, params, prompt_text))
+            finish = await self._copy_retrying(stream, *self._request(messages, params,
+                                                                      prompt_text))
         except asyncio.CancelledError:
             finish = Finish("cancelled")
         except Exception as exc:  # handed to the reader, who maps it to an HTTP status
@@ -134,21 +152,56 @@ class VLLMEngine(Engine):
         self._count_finish(finish)
         stream.close(finish)
 
-    async def _copy(self, stream: Stream, endpoint: str, body: dict[str, Any]) -> Finish:
+    async def _copy_retrying(self, stream: Stream, endpoint: str, body: dict[str, Any]) -> Finish:
+        """``_copy``, again on a failure that no client has seen any of (see the module doc)."""
+        started = False  # a piece reached the reader (a streaming client may have it)
+
+        def retryable(exc: BaseException) -> bool:
+            return not started and not stream.cancelled.is_set() and _replica_failure(exc)
+
+        def count(_state: Any) -> None:
+            self.retried += 1
+
+        # The router takes a dead replica out at its next health check (2 s), our supervisor
+        # within ~1 s: waiting 0.5 s, then 1 s, lands on a live one.
+        async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(self.retries + 1), retry=retry_if_exception(retryable),
+                wait=wait_exponential(multiplier=0.5, max=4), before_sleep=count, reraise=True):
+            with attempt:
+                pieces: list[str] = []
+
+                def deliver(piece: str, pieces: list[str] = pieces) -> None:
+                    nonlocal started
+                    if stream.buffered:  # the client gets it whole: hold it until the end
+                        pieces.append(piece)
+                    else:
+                        started = True
+                        stream.put_text(piece)
+
+                finish = await self._copy(deliver, endpoint, body)
+                if pieces:
+                    stream.put_text("".join(pieces))
+        return finish
+
+    async def _copy(self, deliver: Callable[[str], None], endpoint: str,
+                    body: dict[str, Any]) -> Finish:
         finish = Finish("stop")
+        done = False
         # Leaving the block closes the response: vLLM notices and aborts the request.
         async with self._http().stream("POST", endpoint, json=body) as response:
             if response.status_code >= 400:
                 raise UpstreamStatusError(response.status_code, (await response.aread()).decode(
                     errors="replace"))
             async for line in response.aiter_lines():
-                if not line.startswith("data:") or line == "data: [DONE]":
+                if line == "data: [DONE]":
+                    done = True
+                if not line.startswith("data:") or done:
                     continue
                 chunk = json.loads(line[5:])
                 for choice in chunk.get("choices") or ():
                     piece = (choice.get("delta") or {}).get("content") or choice.get("text")
                     if piece:
-                        stream.put_text(piece)
+                        deliver(piece)
                     if choice.get("finish_reason"):
                         finish.reason = "length" if choice["finish_reason"] == "length" else "stop"
                 usage = chunk.get("usage")
@@ -157,6 +210,8 @@ class VLLMEngine(Engine):
                     finish.completion_tokens = usage.get("completion_tokens", 0)
                     finish.cached_tokens = (usage.get("prompt_tokens_details") or {}).get(
                         "cached_tokens") or 0
+        if not done:
+            raise BrokenStreamError("vLLM's stream ended before [DONE]")
         return finish
 
     @staticmethod
@@ -177,6 +232,19 @@ class VLLMEngine(Engine):
             setattr(self.stats, counter, getattr(self.stats, counter) + 1)
 
 
+def _replica_failure(exc: BaseException) -> bool:
+    """A failure another replica may not have: down, cut off, or a 5xx (not our bad request)."""
+    import httpx
+
+    if isinstance(exc, UpstreamStatusError):
+        return exc.status >= 500
+    return isinstance(exc, httpx.TransportError | BrokenStreamError)
+
+
+class BrokenStreamError(Exception):
+    """vLLM's stream ended without ``[DONE]``: the replica died or the connection was cut."""
+
+
 class UpstreamStatusError(Exception):
     """vLLM answered with an HTTP error status."""
 
@@ -195,8 +263,11 @@ def upstream_error(exc: BaseException) -> BaseException:
 
     from helpers.errors import BadRequestError, UnavailableError
 
-    if isinstance(exc, httpx.TransportError):
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
         return UnavailableError("vLLM is not answering (did it stop or crash? see its log)")
+    if isinstance(exc, httpx.TransportError | BrokenStreamError):  # cut off while answering
+        return UnavailableError("vLLM stopped in the middle of the answer (did a replica crash? "
+                                "see its log); send the request again")
     if isinstance(exc, UpstreamStatusError):
         if 400 <= exc.status < 500:
             return BadRequestError(f"vLLM refused the request: {exc.message}",

@@ -1,0 +1,287 @@
+"""N vLLM replicas behind vllm-router, supervised: a dead one is taken out, restarted, let back in.
+
+Where the replicas run: one per GPU (``CUDA_VISIBLE_DEVICES``; with more GPUs than replicas each
+replica gets an equal share and tensor parallelism over it), or on a CPU each on its own cores
+(``VLLM_CPU_OMP_THREADS_BIND``), so that two replicas never fight over one core. Replicas on
+other machines (``DHLLM_VLLM_URL=url1,url2``) are only watched and routed to, not started.
+
+A supervisor thread checks every replica about once a second. A replica whose process exited
+is removed from the router at once (the router's own health check would take up to a few
+seconds), its process group is stopped (a ``kill -9`` of vLLM's API server leaves its engine
+core running) and it is started again with exponential backoff; once its ``/health`` answers,
+it is added back. ``health()`` is what dhllm's ``/health`` shows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from helpers.server.vllm.process import VLLMProcess, cpu_range, usable_cpus
+from helpers.server.vllm.router import RouterProcess
+from helpers.server.vllm.venv import VLLMError
+from helpers.serving import free_port
+
+log = logging.getLogger("dhllm.server.vllm")
+BACKOFF_S = (1.0, 60.0)  # first wait before a restart, and the longest (doubling in between)
+
+
+@dataclass
+class Replica:
+    """One vLLM server: where it answers and, when we started it, its process."""
+
+    url: str
+    process: VLLMProcess | None = None  # None: it runs elsewhere; we only watch it
+    healthy: bool = False
+    routed: bool = True  # in the router's worker list (as far as our own calls go)
+    restarts: int = 0
+    failed_starts: int = 0  # in a row: how long the next backoff is
+    restart_at: float = 0.0  # monotonic time of the next restart attempt
+    restarting: bool = False
+    misses: int = 0  # failed health probes in a row
+
+
+# ---------------------------------------------------------------------------------------------
+# Where each replica runs
+# ---------------------------------------------------------------------------------------------
+
+
+def gpu_ids() -> list[str]:
+    """The GPUs vLLM may use: ``CUDA_VISIBLE_DEVICES`` if set, else what ``nvidia-smi -L`` lists."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                                 timeout=20, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU ")]
+
+
+def split_evenly(items: Sequence[Any], n: int) -> list[list[Any]]:
+    """``items`` cut into ``n`` contiguous, equal shares (the remainder is left unused)."""
+    share = len(items) // n
+    return [list(items[i * share:(i + 1) * share]) for i in range(n)]
+
+
+def placements(n: int, gpus: Sequence[str] | None = None,
+               cpus: Sequence[int] | None = None) -> list[tuple[dict[str, str], list[str]]]:
+    """Per replica: its environment and extra vLLM arguments (GPUs if any, else CPU cores)."""
+    gpus = gpu_ids() if gpus is None else list(gpus)
+    if gpus:
+        if n > len(gpus):
+            raise VLLMError(f"{n} replicas need at least {n} GPUs; CUDA shows {len(gpus)} "
+                            f"({','.join(gpus)}). Use --replicas {len(gpus)}, or run the others "
+                            "on other machines (DHLLM_VLLM_URL=url1,url2,...).")
+        shares = split_evenly(gpus, n)
+        # More GPUs than replicas: each replica spreads its model over its share (tensor
+        # parallel inside one node, where the GPUs talk over NVLink/PCIe).
+        tp = ["--tensor-parallel-size", str(len(shares[0]))] if len(shares[0]) > 1 else []
+        return [({"CUDA_VISIBLE_DEVICES": ",".join(share)}, tp) for share in shares]
+    cpus = usable_cpus() if cpus is None else list(cpus)
+    if n > len(cpus):
+        raise VLLMError(f"{n} replicas need at least {n} CPU cores; this process may use "
+                        f"{len(cpus)}. Use --replicas {len(cpus)} or fewer.")
+    # Each replica's OpenMP threads pinned to its own cores: two replicas never share one.
+    return [({"VLLM_CPU_OMP_THREADS_BIND": cpu_range(share)}, []) for share in
+            split_evenly(cpus, n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The set: replicas, router, supervisor
+# ---------------------------------------------------------------------------------------------
+
+
+class ReplicaSet:
+    """Replicas behind one vllm-router; ``base_url`` is the router's OpenAI API."""
+
+    def __init__(self, replicas: Sequence[Replica], router: RouterProcess,
+                 check_s: float = 1.0) -> None:
+        self.replicas = list(replicas)
+        self.router = router
+        self.check_s = check_s
+        self.start_timeout = 600.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._session = requests.Session()
+        self._session.trust_env = False
+
+    @classmethod
+    def local(cls, model_dir: str | Path, served_name: str, n: int, python: str | Path,
+              router_python: str | Path, *, policy: str = "cache_aware", dtype: str = "float32",
+              extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> ReplicaSet:
+        """``n`` replicas of ``model_dir`` on this machine, one per GPU or per share of cores."""
+        replicas = []
+        for place_env, place_args in placements(n):
+            process = VLLMProcess(model_dir, served_name, free_port(), python, dtype=dtype,
+                                  extra_args=[*extra_args, *place_args],
+                                  env={**(env or {}), **place_env})
+            replicas.append(Replica(process.url, process))
+        router = RouterProcess([r.url for r in replicas], free_port(), router_python,
+                               policy=policy)
+        return cls(replicas, router)
+
+    @classmethod
+    def remote(cls, urls: Sequence[str], router_python: str | Path, *,
+               policy: str = "cache_aware") -> ReplicaSet:
+        """Replicas that run elsewhere (``DHLLM_VLLM_URL=url1,url2``): only the router starts."""
+        replicas = [Replica(u.rstrip("/")) for u in urls]
+        return cls(replicas, RouterProcess([r.url for r in replicas], free_port(), router_python,
+                                           policy=policy))
+
+    @property
+    def base_url(self) -> str:
+        """The router's OpenAI API: what the relay talks to."""
+        return self.router.base_url
+
+    def start(self, timeout: float = 600.0,
+              progress: Callable[[str], None] | None = None) -> ReplicaSet:
+        """Start the local replicas together, then the router over those that answer."""
+        self.start_timeout = timeout
+        local = [r.process for r in self.replicas if r.process is not None]
+        try:
+            _all_at_once([lambda p=p: p.start(timeout, progress) for p in local])
+            for replica in self.replicas:
+                replica.healthy = self._answers(replica)
+                replica.routed = replica.healthy
+            up = [r.url for r in self.replicas if r.healthy]
+            if not up:
+                raise VLLMError("no vLLM replica answers /health: "
+                                + ", ".join(r.url for r in self.replicas))
+            # The router waits for every worker it is given; the others join once they answer.
+            self.router.worker_urls = up
+            self.router.start(timeout=60, progress=progress)
+        except BaseException:
+            self.stop()
+            raise
+        self._thread = threading.Thread(target=self._supervise, name="vllm-replicas",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the supervisor, the router and every replica we started; safe to call twice."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        self.router.stop()
+        local = [r.process for r in self.replicas if r.process is not None]
+        for _ in range(2):  # again once restarts in flight have seen their process go
+            _all_at_once([p.stop for p in local])
+            deadline = time.monotonic() + 15
+            while any(r.restarting for r in self.replicas) and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+    def health(self) -> dict[str, Any]:
+        """Replicas in all and healthy, restarts so far, and the routing policy."""
+        return {"total": len(self.replicas), "healthy": sum(r.healthy for r in self.replicas),
+                "restarts": sum(r.restarts for r in self.replicas), "policy": self.router.policy}
+
+    # -- supervision ------------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(self.check_s):
+            for replica in self.replicas:
+                try:
+                    self._check(replica)
+                except Exception:  # one bad check must never end supervision
+                    log.exception("checking vLLM replica %s failed", replica.url)
+
+    def _check(self, replica: Replica) -> None:
+        process = replica.process
+        if replica.restarting:
+            return
+        if process is not None and not process.running:  # it died: out now, back later
+            if replica.healthy or replica.routed:
+                log.warning("vLLM replica %s exited; restarting it", replica.url)
+                replica.healthy = False
+                self._route(replica, False)
+                replica.restart_at = time.monotonic() + self._backoff(replica)
+            if time.monotonic() >= replica.restart_at:
+                replica.restarting = True
+                threading.Thread(target=self._restart, args=(replica,), daemon=True).start()
+            return
+        ok = self._answers(replica)
+        replica.misses = 0 if ok else replica.misses + 1
+        if ok and not replica.healthy:
+            replica.healthy = True
+            self._route(replica, True)
+            log.warning("vLLM replica %s is back", replica.url)
+        elif replica.misses >= 3 and replica.healthy:  # alive but not answering (elsewhere?)
+            replica.healthy = False
+            self._route(replica, False)
+
+    def _restart(self, replica: Replica) -> None:
+        """Stop what is left of its process group and start it again (in its own thread)."""
+        assert replica.process is not None
+        try:
+            replica.process.stop()  # its engine core may have outlived the API server
+            if not self._stop.is_set():
+                replica.process.start(timeout=self.start_timeout)
+                replica.restarts += 1
+                replica.failed_starts = 0
+        except Exception as exc:  # noqa: BLE001 - logged; the next check schedules a retry
+            replica.failed_starts += 1
+            replica.restart_at = time.monotonic() + self._backoff(replica)
+            log.warning("restarting vLLM replica %s failed: %s", replica.url, str(exc)[:300])
+        finally:
+            replica.restarting = False
+
+    @staticmethod
+    def _backoff(replica: Replica) -> float:
+        first, longest = BACKOFF_S
+        return min(longest, first * 2 ** replica.failed_starts)
+
+    def _route(self, replica: Replica, on: bool) -> None:
+        """Add or remove ``replica`` in the router; the router's health checks back this up."""
+        if replica.routed == on:
+            return
+        try:
+            (self.router.add_worker if on else self.router.remove_worker)(replica.url)
+        except (VLLMError, requests.RequestException) as exc:
+            log.warning("vllm-router refused to %s %s: %s", "add" if on else "remove",
+                        replica.url, exc)
+            return
+        replica.routed = on
+
+    def _answers(self, replica: Replica) -> bool:
+        try:
+            return self._session.get(replica.url + "/health", timeout=3).status_code == 200
+        except requests.RequestException:
+            return False
+
+
+def _all_at_once(calls: Sequence[Callable[[], Any]]) -> None:
+    """Run ``calls`` in threads together; raise the first error once all are done.
+
+    Plain threads, not an executor: ``stop()`` also runs from atexit hooks, where an executor
+    refuses new work ("cannot schedule new futures after interpreter shutdown").
+    """
+    errors: list[BaseException] = []
+
+    def run(call: Callable[[], Any]) -> None:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,), daemon=True) for c in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]

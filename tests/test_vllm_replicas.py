@@ -1,0 +1,205 @@
+"""``dhllm serve --engine vllm --replicas 2``: two real vLLM CPU replicas behind vllm-router.
+
+One set-up for the whole module (each replica on its own core, ``--enforce-eager``, 1 GiB of
+KV cache; ~1-2 min on 2 cores): the chapter's ``POST /`` through the router, a conversation
+that stays on the replica holding its prefix, the router alone over replicas given as URLs,
+a replica killed under load (no non-streamed request lost, it comes back), and nothing left
+running after stop. Skips, saying why, where vLLM or vllm-router is not installed (``make vllm``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psutil
+import pytest
+import requests
+
+from helpers.bench.persona import conversation
+from helpers.config import get_settings
+from helpers.server import create_app, serve_in_background
+from helpers.server.vllm.relay import VLLMEngine
+from helpers.server.vllm.replicas import ReplicaSet, gpu_ids
+from helpers.server.vllm.router import find_router_python
+from helpers.server.vllm.venv import find_vllm_python
+from helpers.serving import ServerHandle, free_port
+
+
+def _missing() -> str | None:
+    python = find_vllm_python(get_settings().vllm_python)  # DHLLM_VLLM_PYTHON, .venv-vllm
+    if python is None:
+        return "vLLM is not installed (make vllm: Linux x86-64 only)"
+    if find_router_python(beside=python) is None:
+        return "vllm-router is not installed beside vLLM (make vllm)"
+    return None
+
+
+MISSING = _missing()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
+TOPICS = ["a ship", "a robot", "a cat", "the sea", "a mountain", "a city", "a garden", "a train"]
+
+
+@pytest.fixture(scope="module")
+def replicas_app() -> Iterator[tuple[ServerHandle, VLLMEngine]]:
+    from helpers.server.vllm.launch import start_vllm_engine
+
+    settings = get_settings(vllm_args="--enforce-eager", vllm_kvcache_gb=1, vllm_replicas=2,
+                            api_key=None)
+    chat_model, engine = start_vllm_engine("embedded", settings)
+    with serve_in_background(create_app(chat_model, settings, engine=engine),
+                             port=free_port()) as handle:
+        yield handle, engine
+    # Leaving the block stops the app, the router and both replicas (idempotent).
+
+
+def replica_set(engine: VLLMEngine) -> ReplicaSet:
+    assert isinstance(engine.process, ReplicaSet)
+    return engine.process
+
+
+def replicas_health(url: str) -> dict[str, Any]:
+    return requests.get(url + "/health", timeout=10).json()["replicas"]
+
+
+def cached_tokens_by_turn(url: str, turns: int) -> list[int]:
+    """Turns of the persona conversation (a fresh prefix each call), cached tokens of each."""
+    from openai import OpenAI
+
+    client, answers, cached = OpenAI(base_url=url + "/v1", api_key="unused"), [], []
+    salt = f"[visit {uuid.uuid4().hex}] "  # no replica has seen this prefix before
+    for turn in range(turns):
+        messages = conversation(answers, turn)
+        messages[0]["content"] = salt + messages[0]["content"]
+        reply = client.chat.completions.create(model="embedded", messages=messages,
+                                               max_tokens=16, temperature=0)
+        answers.append(reply.choices[0].message.content)
+        details = reply.usage.prompt_tokens_details
+        cached.append(details.cached_tokens if details else 0)
+    return cached
+
+
+def test_two_replicas_serve_the_chapter_through_the_router(
+        replicas_app: tuple[ServerHandle, VLLMEngine]) -> None:
+    handle, engine = replicas_app
+    replicas = replica_set(engine)
+    assert replicas_health(handle.url) == {"total": 2, "healthy": 2, "restarts": 0,
+                                           "retried": 0, "policy": "cache_aware"}
+    workers = replicas.router.workers()
+    assert sorted(w["url"] for w in workers) == sorted(r.url for r in replicas.replicas)
+    assert all(w["is_healthy"] for w in workers)
+    if not gpu_ids():  # on a CPU each replica's threads are pinned to cores of its own
+        binds = [r.process.environment()["VLLM_CPU_OMP_THREADS_BIND"] for r in replicas.replicas]
+        assert len(set(binds)) == 2, binds
+    reply = requests.post(handle.url, json={"prompt": "What is the capital of France?",
+                                            "temperature": 0, "max_length": 16}, timeout=120)
+    assert reply.status_code == 200 and "Paris" in reply.json()["response"]
+
+
+def test_a_conversation_stays_on_the_replica_that_holds_its_prefix(
+        replicas_app: tuple[ServerHandle, VLLMEngine]) -> None:
+    cached = cached_tokens_by_turn(replicas_app[0].url, turns=4)
+    assert cached[0] == 0 and all(c > 0 for c in cached[1:]), cached
+
+
+def test_replicas_elsewhere_get_only_a_router(
+        replicas_app: tuple[ServerHandle, VLLMEngine]) -> None:
+    from helpers.server.vllm.launch import start_vllm_engine
+
+    replicas = replica_set(replicas_app[1])
+    urls = ",".join(r.url for r in replicas.replicas)
+    settings = get_settings(vllm_url=urls, vllm_policy="round_robin", api_key=None)
+    chat_model, engine = start_vllm_engine("embedded", settings)
+    gateway = replica_set(engine)
+    assert all(r.process is None for r in gateway.replicas)  # watched, not started
+    with serve_in_background(create_app(chat_model, settings, engine=engine),
+                             port=free_port()) as handle:
+        assert replicas_health(handle.url)["healthy"] == 2
+        # Round robin sends turn 2 to the other replica, which never saw the prefix.
+        assert cached_tokens_by_turn(handle.url, turns=2) == [0, 0]
+        router = gateway.router.pid
+    assert not psutil.pid_exists(router) or psutil.Process(router).status() == psutil.STATUS_ZOMBIE
+    assert all(r.process.running for r in replicas.replicas)  # ours are untouched
+
+
+def running_upstream(url: str) -> float:
+    text = requests.get(url + "/metrics", timeout=5).text
+    return sum(float(v) for v in re.findall(r"^vllm:num_requests_running\{[^}]*\} (\S+)", text,
+                                            re.M))
+
+
+def ask(url: str, i: int) -> requests.Response:
+    body = {"model": "embedded", "max_tokens": 48, "temperature": 0.7,
+            "messages": [{"role": "user", "content": f"Write a story about {TOPICS[i % 8]}."}]}
+    return requests.post(url + "/v1/chat/completions", json=body, timeout=300)
+
+
+def stream_events(url: str) -> list[str]:
+    """A streamed request's events until the end (an error event or the last chunk)."""
+    body = {"model": "embedded", "max_tokens": 200, "temperature": 0.7, "stream": True,
+            "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}]}
+    with requests.post(url + "/v1/chat/completions", json=body, stream=True,
+                       timeout=120) as reply:  # read timeout: a hang fails the test
+        return [line for line in reply.iter_lines(decode_unicode=True) if line]
+
+
+def test_a_replica_killed_under_load_loses_no_request_and_comes_back(
+        replicas_app: tuple[ServerHandle, VLLMEngine]) -> None:
+    handle, engine = replicas_app
+    replicas = replica_set(engine)
+    with ThreadPoolExecutor(9) as pool:
+        streamed = pool.submit(stream_events, handle.url)
+        plain = [pool.submit(ask, handle.url, i) for i in range(8)]
+        deadline = time.monotonic() + 120
+        load = {r.url: 0.0 for r in replicas.replicas}
+        while sum(load.values()) < 6 and time.monotonic() < deadline:
+            load = {r.url: running_upstream(r.url) for r in replicas.replicas}
+            time.sleep(0.2)
+        victim = next(r for r in replicas.replicas if r.url == max(load, key=load.get))
+        assert load[victim.url] > 0, load
+        server = psutil.Process(victim.process.pid)
+        engine_core = server.children(recursive=True)
+        os.kill(server.pid, signal.SIGKILL)  # a crash: its engine core is left running
+        replies = [f.result() for f in plain]
+        events = streamed.result()
+    assert [r.status_code for r in replies] == [200] * 8, [r.text[:200] for r in replies]
+    assert all(r.json()["choices"][0]["message"]["content"] for r in replies)
+    assert events[-1] == "data: [DONE]"  # whole, or cut with an error event: never a hang
+    if any(e.startswith('data: {"error"') for e in events):
+        error = json.loads(next(e for e in events if e.startswith('data: {"error"'))[5:])
+        assert "stopped in the middle" in error["error"]["message"]
+    # Taken out at once (the restart, a full vLLM start, is still under way).
+    assert replicas_health(handle.url)["healthy"] == 1
+    assert victim.url not in [w["url"] for w in replicas.router.workers() if w["is_healthy"]]
+    deadline = time.monotonic() + 400  # a restart is a full vLLM start (1-2 min on 2 cores)
+    while replicas_health(handle.url)["healthy"] < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    health = replicas_health(handle.url)
+    assert health["healthy"] == 2 and health["restarts"] == 1, health
+    assert victim.url in [w["url"] for w in replicas.router.workers() if w["is_healthy"]]
+    assert not [p.pid for p in engine_core if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert ask(handle.url, 0).status_code == 200
+
+
+def test_stopping_dhllm_stops_every_replica_and_the_router(
+        replicas_app: tuple[ServerHandle, VLLMEngine]) -> None:
+    handle, engine = replicas_app  # the last test: it stops the module's server
+    replicas = replica_set(engine)
+    roots = [replicas.router.pid] + [r.process.pid for r in replicas.replicas]
+    tree = [p for pid in roots for p in [psutil.Process(pid),
+                                         *psutil.Process(pid).children(recursive=True)]]
+    assert len(tree) >= 5, "each replica runs an engine core beside its API server"
+    handle.stop()
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"left running: {[(p.pid, p.name()) for p in alive]}"
+    for url in [replicas.router.url] + [r.url for r in replicas.replicas]:
+        with pytest.raises(requests.ConnectionError):
+            requests.get(url + "/health", timeout=2)
