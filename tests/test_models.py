@@ -341,17 +341,35 @@ def test_the_no_gpu_online_choice_downloads_from_the_hub_and_answers(no_gpu, tin
     assert local_model_dir("qwen2.5-0.5b-instruct") is not None  # next time: no download
 
 
-@pytest.mark.parametrize(("gpu", "expected"), [
-    (None, ("float32", None)),
-    ("T4", ("float16", None)),
-    ("L4", ("bfloat16", None)),
-    ("RTX 3070", ("bfloat16", "bitsandbytes")),
+@pytest.mark.parametrize(("gpu", "quantize", "expected"), [
+    (None, None, ("float32", None)),
+    ("T4", None, ("float16", None)),
+    ("L4", None, ("bfloat16", None)),
+    ("RTX 3070", None, ("bfloat16", "bitsandbytes")),
+    ("GTX 1650", None, ("float16", "bitsandbytes")),  # fits neither: the smallest allowed
+    ("L4", "4bit", ("bfloat16", "bitsandbytes")),  # DHLLM_QUANTIZE is followed
+    ("RTX 3070", "none", ("bfloat16", None)),
 ])
-def test_vllm_gets_the_precision_load_model_would_pick(isolated, gpu, expected):
+def test_vllm_gets_the_precision_load_model_would_pick(isolated, gpu, quantize, expected):
+    """One rule for both engines: vLLM's flags follow choose_precision, DHLLM_QUANTIZE included."""
+    from helpers.hardware import detect_gpu
+    from helpers.models import choose_precision
     from helpers.server.vllm.launch import vllm_precision
 
     if gpu is None:
         isolated.setattr(torch.cuda, "is_available", lambda: False)
     else:
         fake_gpu(isolated, *GPUS[gpu])
-    assert vllm_precision(get_spec("linly-7b")) == expected
+    spec = get_spec("linly-7b")
+    assert vllm_precision(spec, quantize) == expected
+    rule = choose_precision(spec, detect_gpu(), quantize)
+    assert (rule.dtype, rule.quantize is not None) == (expected[0], expected[1] is not None)
+
+
+def test_vllm_refuses_8bit_with_the_fix(isolated):
+    from helpers.server.vllm import VLLMError
+    from helpers.server.vllm.launch import vllm_precision
+
+    fake_gpu(isolated, *GPUS["L4"])
+    with pytest.raises(VLLMError, match="DHLLM_QUANTIZE=4bit"):
+        vllm_precision(get_spec("linly-7b"), "8bit")

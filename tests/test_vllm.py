@@ -16,11 +16,11 @@ import psutil
 import pytest
 import requests
 
+from helpers.background_server import ServerHandle, free_port
 from helpers.config import get_settings
 from helpers.server import create_app, serve_in_background
 from helpers.server.vllm.relay import VLLMEngine
 from helpers.server.vllm.venv import find_vllm_python
-from helpers.serving import ServerHandle, free_port
 
 pytestmark = [
     pytest.mark.slow,
@@ -60,8 +60,8 @@ def running_upstream(engine: VLLMEngine) -> float:
 
 def test_start_reports_progress_and_a_busy_port_is_refused_at_once(
         vllm_app: tuple[ServerHandle, VLLMEngine]) -> None:
+    from helpers.background_server import PortInUseError
     from helpers.server.vllm.process import VLLMProcess
-    from helpers.serving import PortInUseError
 
     _, engine = vllm_app
     assert PROGRESS[-1].startswith("vLLM ready"), PROGRESS

@@ -19,11 +19,11 @@ import requests
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from helpers.background_server import ServerHandle, free_port, start_uvicorn
 from helpers.chat import get_chat_model
 from helpers.config import get_settings
 from helpers.server import create_app, serve_in_background
 from helpers.server.vllm.relay import VLLMEngine
-from helpers.serving import ServerHandle, free_port, start_uvicorn
 
 WORDS = ["The", " capital", " of", " France", " is", " Paris", "."]
 ANSWER = "".join(WORDS)

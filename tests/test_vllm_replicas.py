@@ -23,6 +23,7 @@ import psutil
 import pytest
 import requests
 
+from helpers.background_server import ServerHandle, free_port
 from helpers.bench.persona import conversation
 from helpers.config import get_settings
 from helpers.server import create_app, serve_in_background
@@ -30,7 +31,6 @@ from helpers.server.vllm.relay import VLLMEngine
 from helpers.server.vllm.replicas import ReplicaSet, gpu_ids
 from helpers.server.vllm.router import find_router_python
 from helpers.server.vllm.venv import find_vllm_python
-from helpers.serving import ServerHandle, free_port
 
 
 def _missing() -> str | None:

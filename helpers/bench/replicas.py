@@ -41,11 +41,11 @@ from typing import Any
 import psutil
 import requests
 
+from helpers.background_server import free_port
 from helpers.bench.load import percentile
 from helpers.bench.peers import ServerProcess
 from helpers.bench.persona import TURNS, conversation
 from helpers.client import iter_sse_data
-from helpers.serving import free_port
 
 MODEL = "embedded"
 TOPICS = ["a ship", "a robot", "a cat", "the sea", "a mountain", "a city", "a garden", "a train",

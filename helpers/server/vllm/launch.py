@@ -14,17 +14,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from helpers.background_server import free_port
 from helpers.chat import get_chat_model
 from helpers.config import Settings
-from helpers.hardware import detect_gpu, estimate_gib
-from helpers.models import ModelSpec, choose_placement, model_folder, resolve
+from helpers.hardware import detect_gpu
+from helpers.models import ModelSpec, choose_precision, model_folder, resolve
 from helpers.server.vllm.process import VLLMProcess, gpu_command
 from helpers.server.vllm.relay import VLLMEngine
 from helpers.server.vllm.replicas import ReplicaSet
 from helpers.server.vllm.router import INSTALL_HINT as ROUTER_HINT
 from helpers.server.vllm.router import find_router_python
 from helpers.server.vllm.venv import VLLMError, find_vllm_python
-from helpers.serving import free_port
 
 REPLICA_RETRIES = 2  # a request that failed before its first token, tried on another replica
 
@@ -36,19 +36,17 @@ INSTALL_HINT = (
 )
 
 
-def vllm_precision(spec: ModelSpec | None) -> tuple[str, str | None]:
-    """``(dtype, quantization)`` as ``load_model`` would choose: fp32 on CPU; bf16 (fp16 before
-    Ampere) on CUDA, and bitsandbytes 4-bit when 16-bit does not fit but 4-bit does."""
-    gpu = detect_gpu()
-    if gpu is None:
-        return "float32", None
-    dtype = str(choose_placement("cuda").dtype).removeprefix("torch.")
-    if spec is None:
-        return dtype, None
-    need = {p: estimate_gib(spec.params_b, spec.kv_kib_per_token, p) for p in (dtype, "4bit")}
-    if need[dtype] > gpu.memory_gib and need["4bit"] <= gpu.memory_gib:
-        return dtype, "bitsandbytes"
-    return dtype, None
+def vllm_precision(spec: ModelSpec | None, quantize: str | None = None) -> tuple[str, str | None]:
+    """``(dtype, quantization)`` by the one rule ``load_model`` follows (``choose_precision``).
+
+    vLLM quantizes with bitsandbytes at load time in 4-bit only
+    (https://docs.vllm.ai/en/latest/features/quantization/bnb/), so 8-bit is refused here.
+    """
+    precision = choose_precision(spec, detect_gpu(), quantize)
+    if precision.quantize == "8bit":
+        raise VLLMError("vLLM quantizes with bitsandbytes in 4-bit only: set DHLLM_QUANTIZE=4bit, "
+                        "or serve 8-bit with the builtin engine (--engine builtin)")
+    return precision.dtype, "bitsandbytes" if precision.quantize else None
 
 
 def start_vllm_engine(model_spec: str, settings: Settings, *,
@@ -87,7 +85,7 @@ def _local_vllm(model_spec: str, spec: ModelSpec | None, served: str, settings: 
                 python: Path) -> VLLMProcess | ReplicaSet:
     """One vLLM, or ``settings.vllm_replicas`` of them behind a router (not started yet)."""
     source = model_folder(model_spec)  # vLLM loads a folder (registry names download first)
-    dtype, quantization = vllm_precision(spec)
+    dtype, quantization = vllm_precision(spec, settings.quantize)
     # usage.prompt_tokens_details.cached_tokens, as our own engine reports it (off by default).
     extra = ["--enable-prompt-tokens-details", *shlex.split(settings.vllm_args)]
     if quantization:

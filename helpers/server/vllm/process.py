@@ -3,7 +3,7 @@
 vLLM pins its own torch, transformers and fastapi, so it cannot share dhllm's venv: it lives in
 ``.venv-vllm`` (``venv.py`` finds it) and we only talk to it over HTTP. ``ChildProcess`` is what vLLM and vllm-router
 (``router.py``) share: start in a session of its own, wait for ``/health``, stop the whole group.
-This module imports only the standard library, ``requests`` and ``helpers.serving`` (for the
+This module imports only the standard library, ``requests`` and ``helpers.background_server`` (for the
 port checks), so it is cheap to import.
 """
 
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import requests
 
+from helpers.background_server import ensure_port_free
 from helpers.server.vllm.venv import VLLMError
-from helpers.serving import ensure_port_free
 
 GPU_DTYPES = ("bfloat16", "float16", "auto")
 

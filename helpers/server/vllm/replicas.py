@@ -27,10 +27,10 @@ from typing import Any
 
 import requests
 
+from helpers.background_server import free_port
 from helpers.server.vllm.process import VLLMProcess, cpu_range, usable_cpus
 from helpers.server.vllm.router import RouterProcess
 from helpers.server.vllm.venv import VLLMError
-from helpers.serving import free_port
 
 log = logging.getLogger("dhllm.server.vllm")
 BACKOFF_S = (1.0, 60.0)  # first wait before a restart, and the longest (doubling in between)

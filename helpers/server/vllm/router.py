@@ -18,9 +18,9 @@ from typing import Any
 
 import requests
 
+from helpers.background_server import free_port
 from helpers.server.vllm.process import ChildProcess
 from helpers.server.vllm.venv import VLLMError, has_module, python_in
-from helpers.serving import free_port
 
 POLICIES = ("cache_aware", "round_robin", "power_of_two", "consistent_hash", "random")
 INSTALL_HINT = ("vllm-router was not found: `make vllm` installs it beside vLLM (or "
