@@ -21,7 +21,7 @@ from helpers.chat.decoding import IncrementalDecoder, StopMatcher
 from helpers.chat.gemini import GeminiChat
 from helpers.chat.local import TransformersChat
 from helpers.chat.openai_chat import OpenAIChat
-from helpers.chat.presets import GEMINI_DEFAULT_MODEL, PRESETS, Preset, get_preset
+from helpers.chat.presets import GEMINI_DEFAULT_MODEL, GEMINI_MODELS, PRESETS, Preset, get_preset
 from helpers.chat.prompts import (
     LINLY_PREFIX,
     LINLY_STOP,
@@ -42,6 +42,8 @@ from helpers.errors import (
 
 __all__ = [
     "CLOUD_PREFIXES",
+    "GEMINI_DEFAULT_MODEL",
+    "GEMINI_MODELS",
     "LINLY_PREFIX",
     "LINLY_STOP",
     "PRESETS",
@@ -79,7 +81,7 @@ CLOUD_PREFIXES = ("gemini", *PRESETS)
 def get_cloud_model(kind: str, model: str | None = None, **options: Any) -> ChatModel:
     """``gemini`` or a preset name, with a model name (the provider's default if empty)."""
     if kind == "gemini":
-        return GeminiChat(model or GEMINI_DEFAULT_MODEL, **options)
+        return GeminiChat(model or None, **options)
     return OpenAIChat.from_preset(kind, model or None, **options)
 
 
