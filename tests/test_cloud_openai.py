@@ -252,3 +252,19 @@ def test_a_local_server_preset_uses_the_one_model_it_serves() -> None:
         chat = get_chat_model("vllm", base_url=server.base_url, timeout=10.0)
         chat.chat([{"role": "user", "content": "hi"}])
         assert server.model_requests[0].json["model"] == "my-served-model"
+
+
+def test_dhllm_chat_with_a_bare_provider_follows_the_same_rule(retired: FakeServer) -> None:
+    """`dhllm chat --model openai` against a provider that retired the default still answers."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ENV}
+    env.update(OPENAI_API_KEY=KEY, OPENAI_BASE_URL=retired.base_url)
+    done = subprocess.run([sys.executable, "-m", "helpers", "chat", "hi", "--model", "openai"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "echo: hi" in done.stdout
+    assert f"using {PRESETS['openai'].models[1]}" in done.stderr
+    assert retired.model_requests[0].json["model"] == PRESETS["openai"].models[1]
