@@ -21,7 +21,14 @@ from helpers.chat.decoding import IncrementalDecoder, StopMatcher
 from helpers.chat.gemini import GeminiChat
 from helpers.chat.local import TransformersChat
 from helpers.chat.openai_chat import OpenAIChat
-from helpers.chat.presets import GEMINI_DEFAULT_MODEL, GEMINI_MODELS, PRESETS, Preset, get_preset
+from helpers.chat.presets import (
+    GEMINI_DEFAULT_MODEL,
+    GEMINI_KEY_ENVS,
+    GEMINI_MODELS,
+    PRESETS,
+    Preset,
+    get_preset,
+)
 from helpers.chat.prompts import (
     LINLY_PREFIX,
     LINLY_STOP,
@@ -66,6 +73,7 @@ __all__ = [
     "UnavailableError",
     "get_chat_model",
     "get_cloud_model",
+    "clouds_with_keys",
     "get_preset",
     "history_to_messages",
     "is_linly_prompt",
@@ -76,6 +84,19 @@ __all__ = [
 ]
 
 CLOUD_PREFIXES = ("gemini", *PRESETS)
+# The chapter's order (Gemini, ChatGPT, ChatGLM), then the other providers reachable from China.
+CLOUD_ORDER = ("gemini", "openai", "zhipu", "deepseek", "dashscope", "moonshot")
+
+
+def clouds_with_keys(order: tuple[str, ...] = CLOUD_ORDER) -> list[str]:
+    """The cloud providers whose API key is set (environment or Colab secrets), in ``order``."""
+    from helpers.secrets import has_secret
+
+    def key_envs(name: str) -> tuple[str, ...]:
+        env = get_preset(name).key_env if name != "gemini" else None
+        return GEMINI_KEY_ENVS if name == "gemini" else ((env,) if env else ())
+
+    return [name for name in order if any(has_secret(env) for env in key_envs(name))]
 
 
 def get_cloud_model(kind: str, model: str | None = None, **options: Any) -> ChatModel:
