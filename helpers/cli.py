@@ -18,7 +18,8 @@ app = typer.Typer(
 
 ModelOption = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="registry name, local path, or backend spec (e.g. embedded)"),
+    typer.Option("--model", "-m", help="registry name, local path, or backend spec (embedded, "
+                 "openai:MODEL; a bare provider such as openai uses its first listed default)"),
 ]
 
 

@@ -28,6 +28,7 @@ NOTEBOOK_PORTS = {
     "04": 7873,  # a cloud model behind POST / (the gateway)
     "04-vllm": 7874,  # dhllm in front of vLLM
     "04-vllm-engine": 8000,  # vLLM itself (its usual port; the "vllm:" preset's default)
+    "04-own": 7879,  # notebook 04's own dhllm serve: the OpenAI SDK's target without a key
 }
 # 256 new tokens: on a 2-core CPU that is ~10 s for the embedded model, while the chapter's
 # 2048 would take minutes per request. 0.7: the usual chat default (OpenAI's API uses 1.0).

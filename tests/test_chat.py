@@ -178,6 +178,28 @@ def test_linly_format_on_a_llama(tiny_llama_dir):
     assert chat.default_stop == ("### Instruction", "###")
 
 
+def test_wrap_serves_a_model_loaded_the_chapters_way(embedded_dir, tiny_llama_dir):
+    """Notebook 02 loads with from_pretrained itself; wrap picks the prompt format by name."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_dir, use_fast=False)
+    model = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32,
+                                                 device_map="cpu", quantization_config=None)
+    model.eval()
+    chat = TransformersChat.wrap(model, tokenizer, name="embedded")
+    assert chat.model is model and chat.prompt_format == "chat_template"
+    answer = chat.chat([{"role": "user", "content": "What is the capital of France?"}],
+                       temperature=0, max_new_tokens=12)
+    assert "Paris" in answer
+    # A registry name brings its format (Linly's template), even on a tokenizer with a template.
+    assert TransformersChat.wrap(model, tokenizer, name="linly-7b").prompt_format == "linly"
+    # A folder outside the registry: no chat template means the Linly template.
+    llama_tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    llama_tokenizer.chat_template = None
+    assert TransformersChat.wrap(model, llama_tokenizer, name=str(tiny_llama_dir)).prompt_format == "linly"
+
+
 def test_remote_chat_format_passes_history_pairs(embedded_dir):
     class RemoteCodeModel:  # the shape of Qwen-1 / ChatGLM3 remote code: model.chat(...)
         def chat(self, tokenizer, query, history=None, **kwargs):

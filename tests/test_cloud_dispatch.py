@@ -96,3 +96,18 @@ def test_chatglm3_fails_fast_naming_versions_and_the_native_successor(
     message = str(info.value)
     assert "4.45" in message and transformers.__version__ in message
     assert "glm-4-9b-chat-hf" in message
+
+
+def test_clouds_with_keys_follows_the_chapters_order_and_sees_every_provider(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway's pick: a Zhipu-only learner is not told "no cloud key set"."""
+    from helpers.chat import clouds_with_keys
+
+    assert clouds_with_keys()[:3] == ["gemini", "openai", "zhipu"]  # every key set (fixture)
+    for name in KEY_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    assert clouds_with_keys() == []
+    monkeypatch.setenv("ZHIPUAI_API_KEY", "dummy")
+    assert clouds_with_keys() == ["zhipu"]
+    monkeypatch.setenv("GOOGLE_API_KEY", "dummy")  # Gemini's second variable counts too
+    assert clouds_with_keys() == ["gemini", "zhipu"]

@@ -166,3 +166,22 @@ def test_no_key_in_repr_errors_or_logs(fake: FakeServer, caplog: pytest.LogCaptu
     logged = [r.getMessage() + repr(r.args) + repr(r.__dict__) for r in caplog.records]
     assert_no_key(repr(chat), str(info.value), repr(info.value), info.value.provider_message,
                   *logged)
+
+
+# ---------------------------------------------------------------- retired default model names
+
+
+def test_a_retired_gemini_default_falls_back_and_a_404_names_the_usable_models(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from helpers.chat import GEMINI_MODELS
+
+    first, second = GEMINI_MODELS[:2]
+    with start_fake_gemini(api_key=KEY, models=[second, "gemini-other"]) as server:
+        chat = get_chat_model("gemini", api_key=KEY, base_url=server.url, timeout=10.0)
+        with caplog.at_level(logging.WARNING, logger="helpers.chat.gemini"):
+            assert chat.chat([{"role": "user", "content": "hi"}]).startswith("echo: hi")
+        assert chat.model == second and f"models/{second}:generateContent" in server.model_requests[0].path
+        assert f"does not list {first}" in caplog.text
+        named = GeminiChat("gemini-gone", api_key=KEY, base_url=server.url, timeout=10.0)
+        with pytest.raises(BadRequestError, match=f"This key can use: {second}, gemini-other."):
+            named.chat([{"role": "user", "content": "hi"}])

@@ -200,3 +200,71 @@ def test_no_key_in_repr_errors_or_logs(fake: FakeServer, caplog: pytest.LogCaptu
     assert caplog.records, "expected the SDK's debug logs to be captured"
     logged = [r.getMessage() + repr(r.args) + repr(r.__dict__) for r in caplog.records]
     assert_no_key(repr(chat), str(chat), format(chat), str(info.value), repr(info.value), *logged)
+
+
+# ---------------------------------------------------------------- retired default model names
+
+
+@pytest.fixture()
+def retired() -> Iterator[FakeServer]:
+    """A provider that no longer lists the openai preset's first choice (a retired default)."""
+    first, second = PRESETS["openai"].models[:2]
+    with start_fake_openai(api_key=KEY, models=[second, "some-other-model"]) as server:
+        yield server
+
+
+def test_a_retired_default_falls_back_along_the_preference_list_and_says_so(
+        retired: FakeServer, caplog: pytest.LogCaptureFixture) -> None:
+    first, second = PRESETS["openai"].models[:2]
+    chat = OpenAIChat(api_key=KEY, base_url=retired.base_url, timeout=10.0)  # no model: default
+    assert chat.model == first
+    with caplog.at_level(logging.WARNING, logger="helpers.chat.openai_chat"):
+        assert chat.chat([{"role": "user", "content": "hi"}]) == "echo: hi (turns=1, system=none)"
+    [request] = retired.model_requests
+    assert request.json["model"] == second and chat.model == second
+    assert chat.name == f"openai:{second}"
+    assert f"does not list {first}" in caplog.text and f"using {second}" in caplog.text
+    chat.chat([{"role": "user", "content": "again"}])  # the list is asked once
+    assert [r.path for r in retired.requests].count("/v1/models") == 1
+
+
+def test_a_model_name_given_is_used_as_is_and_its_404_names_the_usable_models(
+        retired: FakeServer) -> None:
+    chat = OpenAIChat("gpt-4o-mini-retired", api_key=KEY, base_url=retired.base_url, timeout=10.0)
+    with pytest.raises(BadRequestError) as caught:
+        chat.chat([{"role": "user", "content": "hi"}])
+    text = str(caught.value)
+    assert "404" in text and "gpt-4o-mini-retired" in text
+    assert f"This key can use: {PRESETS['openai'].models[1]}, some-other-model." in text
+
+
+def test_no_preferred_model_listed_names_the_usable_ones_before_any_chat_request() -> None:
+    with start_fake_openai(api_key=KEY, models=["only-this-one"]) as server:
+        chat = get_chat_model("openai", api_key=KEY, base_url=server.base_url, timeout=10.0)
+        with pytest.raises(BadRequestError, match="This key can use: only-this-one. Name one: "
+                                                  "openai:MODEL"):
+            chat.chat([{"role": "user", "content": "hi"}])
+        assert server.model_requests == []
+
+
+def test_a_local_server_preset_uses_the_one_model_it_serves() -> None:
+    with start_fake_openai(models=["my-served-model"]) as server:
+        chat = get_chat_model("vllm", base_url=server.base_url, timeout=10.0)
+        chat.chat([{"role": "user", "content": "hi"}])
+        assert server.model_requests[0].json["model"] == "my-served-model"
+
+
+def test_dhllm_chat_with_a_bare_provider_follows_the_same_rule(retired: FakeServer) -> None:
+    """`dhllm chat --model openai` against a provider that retired the default still answers."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ENV}
+    env.update(OPENAI_API_KEY=KEY, OPENAI_BASE_URL=retired.base_url)
+    done = subprocess.run([sys.executable, "-m", "helpers", "chat", "hi", "--model", "openai"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "echo: hi" in done.stdout
+    assert f"using {PRESETS['openai'].models[1]}" in done.stderr
+    assert retired.model_requests[0].json["model"] == PRESETS["openai"].models[1]

@@ -21,7 +21,14 @@ from helpers.chat.decoding import IncrementalDecoder, StopMatcher
 from helpers.chat.gemini import GeminiChat
 from helpers.chat.local import TransformersChat
 from helpers.chat.openai_chat import OpenAIChat
-from helpers.chat.presets import GEMINI_DEFAULT_MODEL, PRESETS, Preset, get_preset
+from helpers.chat.presets import (
+    GEMINI_DEFAULT_MODEL,
+    GEMINI_KEY_ENVS,
+    GEMINI_MODELS,
+    PRESETS,
+    Preset,
+    get_preset,
+)
 from helpers.chat.prompts import (
     LINLY_PREFIX,
     LINLY_STOP,
@@ -42,6 +49,8 @@ from helpers.errors import (
 
 __all__ = [
     "CLOUD_PREFIXES",
+    "GEMINI_DEFAULT_MODEL",
+    "GEMINI_MODELS",
     "LINLY_PREFIX",
     "LINLY_STOP",
     "PRESETS",
@@ -64,6 +73,7 @@ __all__ = [
     "UnavailableError",
     "get_chat_model",
     "get_cloud_model",
+    "clouds_with_keys",
     "get_preset",
     "history_to_messages",
     "is_linly_prompt",
@@ -74,12 +84,25 @@ __all__ = [
 ]
 
 CLOUD_PREFIXES = ("gemini", *PRESETS)
+# The chapter's order (Gemini, ChatGPT, ChatGLM), then the other providers reachable from China.
+CLOUD_ORDER = ("gemini", "openai", "zhipu", "deepseek", "dashscope", "moonshot")
+
+
+def clouds_with_keys(order: tuple[str, ...] = CLOUD_ORDER) -> list[str]:
+    """The cloud providers whose API key is set (environment or Colab secrets), in ``order``."""
+    from helpers.secrets import has_secret
+
+    def key_envs(name: str) -> tuple[str, ...]:
+        env = get_preset(name).key_env if name != "gemini" else None
+        return GEMINI_KEY_ENVS if name == "gemini" else ((env,) if env else ())
+
+    return [name for name in order if any(has_secret(env) for env in key_envs(name))]
 
 
 def get_cloud_model(kind: str, model: str | None = None, **options: Any) -> ChatModel:
     """``gemini`` or a preset name, with a model name (the provider's default if empty)."""
     if kind == "gemini":
-        return GeminiChat(model or GEMINI_DEFAULT_MODEL, **options)
+        return GeminiChat(model or None, **options)
     return OpenAIChat.from_preset(kind, model or None, **options)
 
 

@@ -45,6 +45,23 @@ def warn_dropped(provider: str, gen: GenerationParams, supported: Sequence[str],
 
 
 # ---------------------------------------------------------------------------------------------
+# Model names retire: the default is a preference list, checked against the provider's list.
+
+MAX_LISTED = 15  # models named in a message; a provider may list a hundred
+
+
+def pick_model(preferences: Sequence[str], available: Sequence[str]) -> str | None:
+    """The first of ``preferences`` the provider lists, or None."""
+    return next((name for name in preferences if name in set(available)), None)
+
+
+def models_hint(available: Sequence[str]) -> str:
+    """`` This key can use: a, b, c (and N more).`` for an error message; empty if unknown."""
+    if not available:
+        return ""
+    names = sorted(available)
+    more = f" (and {len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else ""
+    return f" This key can use: {', '.join(names[:MAX_LISTED])}{more}."
 
 
 def retry_after_header(headers: Any) -> float | None:
@@ -61,8 +78,9 @@ def retry_after_header(headers: Any) -> float | None:
 
 
 def status_error(status: int | None, where: str, provider: str, retry_after: float | None,
-                  key_env: str | None, bad_key: bool = False) -> ChatModelError:
-    """Map an HTTP status to our exception classes."""
+                  key_env: str | None, bad_key: bool = False,
+                  available: Sequence[str] = ()) -> ChatModelError:
+    """Map an HTTP status to our exception classes; a 404 names the ``available`` models."""
     said = f"{where} answered {status}: {provider.rstrip('.')}"
     if status in (401, 403) or bad_key:
         key = f" Check {key_env}." if key_env else ""
@@ -74,7 +92,7 @@ def status_error(status: int | None, where: str, provider: str, retry_after: flo
         return UnavailableError(f"{said} (retries ran out)", provider_message=provider,
                                 retry_after=retry_after)
     if status is not None and 400 <= status < 500:
-        hint = " (is the model name right?)" if status == 404 else ""
+        hint = f" (is the model name right?){models_hint(available)}" if status == 404 else ""
         return BadRequestError(f"{said}{hint}", provider_message=provider)
     return ChatModelError(said, provider_message=provider)
 

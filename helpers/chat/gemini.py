@@ -1,6 +1,7 @@
 """``GeminiChat``: Google Gemini via ``google-genai`` (``google-generativeai`` is end-of-life).
 
-``gemini-pro`` is retired; the default is ``GEMINI_DEFAULT_MODEL``. Where it is pointed:
+``gemini-pro`` is retired; with no model given, the first of ``GEMINI_MODELS`` that
+``models.list()`` still offers is used. Where it is pointed:
 ``base_url=`` or ``GOOGLE_GEMINI_BASE_URL`` (read by google-genai); Google's default URL is never
 passed explicitly, since an explicit one would win over the variable. Retries: tenacity around
 the SDK (429, 408, 5xx, transport errors), honouring the server's delay, because google-genai's
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -21,14 +23,18 @@ from helpers.chat.cloud_common import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
     MAX_RETRY_AFTER,
+    models_hint,
+    pick_model,
     retry_after_header,
     safe_url,
     status_error,
     warn_dropped,
 )
-from helpers.chat.presets import GEMINI_DEFAULT_MODEL, GEMINI_KEY_ENVS
-from helpers.errors import UnavailableError
+from helpers.chat.presets import GEMINI_DEFAULT_MODEL, GEMINI_KEY_ENVS, GEMINI_MODELS
+from helpers.errors import BadRequestError, UnavailableError
 from helpers.secrets import MissingSecretError, get_secret, has_secret, redact
+
+log = logging.getLogger(__name__)
 
 
 class GeminiChat(ChatModel):
@@ -45,7 +51,7 @@ class GeminiChat(ChatModel):
 
     def __init__(
         self,
-        model: str = GEMINI_DEFAULT_MODEL,
+        model: str | None = None,
         api_key: str | None = None,
         base_url: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
@@ -59,6 +65,9 @@ class GeminiChat(ChatModel):
         from google.genai import types
 
         self.model = model or GEMINI_DEFAULT_MODEL
+        self._resolved = bool(model)  # a name the caller chose is used as given
+        self._fixed_name = name
+        self.thinking_budget = thinking_budget
         self.name = name or f"gemini:{self.model}"
         self.timeout = timeout
         self.max_retries = max_retries
@@ -89,11 +98,38 @@ class GeminiChat(ChatModel):
         where = f", base_url={safe_url(self.base_url)!r}" if self.base_url else ""
         return f"GeminiChat(name={self.name!r}{where})"
 
+    def available_models(self) -> list[str]:
+        """Model names from ``models.list()`` without ``models/``; empty when listing fails."""
+        try:
+            return sorted((m.name or "").removeprefix("models/") for m in self.client.models.list())
+        except Exception:  # a proxy or stand-in without ListModels: not worth failing a chat
+            return []
+
+    def resolve_model(self) -> str:
+        """The first of ``GEMINI_MODELS`` still listed (said in a warning when it is not the first
+        choice); BadRequestError naming the listed models when none of them is."""
+        if self._resolved:
+            return self.model
+        available = self.available_models()
+        self._resolved = True
+        if not available or self.model in available:
+            return self.model
+        chosen = pick_model(GEMINI_MODELS, available)
+        if chosen is None:
+            raise BadRequestError(f"Gemini lists none of {', '.join(GEMINI_MODELS)}."
+                                  f"{models_hint(available)} Name one: gemini:MODEL")
+        log.warning("Gemini does not list %s (retired?): using %s", self.model, chosen)
+        self.model = chosen
+        self.name = self._fixed_name or f"gemini:{chosen}"
+        self.thinking = _thinking_config(chosen, self.thinking_budget)
+        return chosen
+
     def _request(self, messages: Sequence[Message], params: dict[str, Any]) -> dict[str, Any]:
         from google.genai import types
 
         gen = GenerationParams.from_kwargs(**params)
         messages = validate_messages(messages)
+        model = self.resolve_model()
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
         contents = [
             types.Content(role="model" if m["role"] == "assistant" else "user",
@@ -111,7 +147,7 @@ class GeminiChat(ChatModel):
             stop_sequences=list(gen.stop) or None,
             thinking_config=types.ThinkingConfig(**self.thinking) if self.thinking else None,
         )
-        return {"model": self.model, "contents": contents, "config": config}
+        return {"model": model, "contents": contents, "config": config}
 
     def chat(self, messages: Sequence[Message], **params: Any) -> str:
         """The whole answer from one ``generate_content`` call."""
@@ -169,8 +205,10 @@ class GeminiChat(ChatModel):
         provider = redact(str(exc.message or exc.status or ""), *self._secrets)
         # Google answers a bad key with 400 INVALID_ARGUMENT and reason API_KEY_INVALID.
         bad_key = exc.code == 400 and "API_KEY_INVALID" in str(exc.details)
+        available = self.available_models() if exc.code == 404 else ()
         return status_error(exc.code, where, provider, _gemini_retry_after(exc),
-                             "GEMINI_API_KEY (or GOOGLE_API_KEY)", bad_key=bad_key)
+                             "GEMINI_API_KEY (or GOOGLE_API_KEY)", bad_key=bad_key,
+                             available=available)
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

@@ -49,14 +49,20 @@ class TransformersChat(ChatModel):
         endpoint: str | None = None,
     ) -> TransformersChat:
         """Load a registry name, ``choose_model``'s choice, hub id or folder (see ``load_model``)."""
-        spec, _ = resolve(name_or_path)
         model, tokenizer = load_model(name_or_path, device=device, dtype=dtype, verbose=verbose,
                                       quantize=quantize, endpoint=endpoint)
+        return cls.wrap(model, tokenizer, name=str(name_or_path))
+
+    @classmethod
+    def wrap(cls, model: Any, tokenizer: Any, name: str = "local") -> TransformersChat:
+        """A model and tokenizer you loaded yourself (``from_pretrained``), prompt format guessed:
+        the registry's for a registry name, else the tokenizer's chat template, else Linly's."""
+        spec, _ = resolve(name)
         if spec is not None:
             prompt_format = spec.prompt_format
         else:
             prompt_format = "chat_template" if getattr(tokenizer, "chat_template", None) else "linly"
-        return cls(model, tokenizer, prompt_format, name=str(name_or_path))
+        return cls(model, tokenizer, prompt_format, name=str(name))
 
     @property
     def can_batch(self) -> bool:

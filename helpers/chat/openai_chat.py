@@ -1,15 +1,17 @@
 """``OpenAIChat``: OpenAI and every OpenAI-compatible API, via the official ``openai`` SDK (>= 1.0).
 
 ``openai.ChatCompletion`` was removed in 1.0. Presets (``helpers.chat.presets``) give base URL,
-default model and key variable for OpenAI, DeepSeek, Zhipu GLM, DashScope (Qwen), Moonshot, and
+default models and key variable for OpenAI, DeepSeek, Zhipu GLM, DashScope (Qwen), Moonshot, and
 local servers (vLLM, Ollama, our own ``dhllm serve``). Where it is pointed: ``base_url=``, else
 ``DHLLM_<PRESET>_BASE_URL``, else the preset's (for ``openai``: ``OPENAI_BASE_URL``, read by the
 SDK itself). Retries: the SDK's own ``max_retries`` (429, 408, 5xx; honours ``Retry-After``).
+With no model given, the preset's first model the provider still lists is used (names retire).
 The SDK is imported only when a backend is built.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -18,14 +20,18 @@ from helpers.chat.base import ChatModel, GenerationParams, Message, validate_mes
 from helpers.chat.cloud_common import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
+    models_hint,
+    pick_model,
     retry_after_header,
     safe_url,
     status_error,
     warn_dropped,
 )
 from helpers.chat.presets import Preset, get_preset
-from helpers.errors import UnavailableError
+from helpers.errors import BadRequestError, UnavailableError
 from helpers.secrets import KEY_SOURCES, get_secret, has_secret, redact
+
+log = logging.getLogger(__name__)
 
 
 class OpenAIChat(ChatModel):
@@ -34,7 +40,7 @@ class OpenAIChat(ChatModel):
     Parameters map as max_new_tokens -> max_tokens, temperature, top_p (sent when < 1), seed,
     stop. top_k and repetition_penalty are not in the OpenAI protocol: they go as extra body
     fields to servers that take them (vLLM, DashScope, dhllm) and are dropped elsewhere
-    (logged once at INFO).
+    (logged once at INFO). Without ``model``, ``resolve_model`` runs before the first request.
     """
 
     def __init__(
@@ -52,6 +58,8 @@ class OpenAIChat(ChatModel):
 
         self.preset = preset if isinstance(preset, Preset) else get_preset(preset)
         self.model = model or self.preset.default_model
+        self._resolved = bool(model)  # a name the caller chose is used as given
+        self._fixed_name = name
         self.name = name or f"{self.preset.name}:{self.model}"
         # Explicit > DHLLM_<PRESET>_BASE_URL > preset default (None: the SDK reads OPENAI_BASE_URL).
         self.base_url = base_url or os.environ.get(self.preset.base_url_env) or self.preset.base_url
@@ -83,11 +91,41 @@ class OpenAIChat(ChatModel):
     def __repr__(self) -> str:
         return f"OpenAIChat(name={self.name!r}, base_url={safe_url(self.base_url)!r})"
 
+    def available_models(self) -> list[str]:
+        """Model ids from the provider's ``models.list()``; empty when it has none or fails."""
+        try:
+            return sorted(m.id for m in self.client.models.list())
+        except Exception:  # some compatible servers have no /models: not worth failing a chat
+            return []
+
+    def resolve_model(self) -> str:
+        """The preset's first model the provider still lists (said in a warning when it is not
+        the first choice); BadRequestError naming the listed models when none of them is."""
+        if self._resolved:
+            return self.model
+        available = self.available_models()
+        self._resolved = True
+        if not available or self.model in available:
+            return self.model
+        chosen = pick_model(self.preset.models, available)
+        if chosen is None and not self.preset.key_required:
+            chosen = available[0]  # a local server (vLLM, Ollama, dhllm) serves its own name
+        if chosen is None:
+            raise BadRequestError(
+                f"{self.preset.name} at {safe_url(self.base_url)} lists none of "
+                f"{', '.join(self.preset.models)}.{models_hint(available)} Name one: "
+                f"{self.preset.name}:MODEL")
+        log.warning("%s does not list %s (retired?): using %s", self.preset.name, self.model, chosen)
+        self.model = chosen
+        self.name = self._fixed_name or f"{self.preset.name}:{chosen}"
+        return chosen
+
     def _request(self, messages: Sequence[Message], params: dict[str, Any]) -> dict[str, Any]:
         gen = GenerationParams.from_kwargs(**params)
+        messages = validate_messages(messages)  # bad input fails before any request
         request: dict[str, Any] = {
-            "model": self.model,
-            "messages": validate_messages(messages),
+            "model": self.resolve_model(),
+            "messages": messages,
             "max_tokens": gen.max_new_tokens,
             "temperature": gen.temperature,
         }
@@ -154,4 +192,6 @@ class OpenAIChat(ChatModel):
         response = getattr(exc, "response", None)
         if response is not None:
             retry_after = retry_after_header(response.headers)
-        return status_error(status, where, provider, retry_after, self.preset.key_env)
+        available = self.available_models() if status == 404 else ()
+        return status_error(status, where, provider, retry_after, self.preset.key_env,
+                            available=available)

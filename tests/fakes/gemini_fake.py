@@ -94,9 +94,23 @@ def _response(text: str, finish: str | None, model: str) -> dict[str, Any]:
                               "totalTokenCount": 1 + len(text.split())}}
 
 
-def create_gemini_fake(state: FakeState) -> FastAPI:
-    """The fake's ASGI app, answering from ``state`` (and recording into it)."""
+def create_gemini_fake(state: FakeState, models: list[str] | None = None) -> FastAPI:
+    """The fake's ASGI app, answering from ``state`` (and recording into it).
+
+    ``models``: what ``GET /{version}/models`` lists; given, every other model gets a 404.
+    """
+    from helpers.chat.presets import GEMINI_MODELS
+
+    enforce = models is not None
+    listed = list(models) if models is not None else list(GEMINI_MODELS)
     app = FastAPI(title="fake Gemini API")
+
+    @app.get("/{version}/models")
+    def list_models(version: str, request: Request) -> dict[str, Any]:
+        with state.lock:  # recorded, but no scripted answer is spent on it
+            state.requests.append(Received("GET", request.url.path, {}, {}, None))
+        return {"models": [{"name": f"models/{name}", "supportedGenerationMethods":
+                            ["generateContent", "countTokens"]} for name in listed]}
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -120,7 +134,7 @@ def create_gemini_fake(state: FakeState) -> FastAPI:
             return error_response(plan.status, plan.message, plan.retry_after)
         if method not in ("generateContent", "streamGenerateContent"):
             return error_response(404, f"Method {method} not found.")
-        if model in RETIRED_MODELS:
+        if model in RETIRED_MODELS or (enforce and model not in listed):
             return error_response(404, f"models/{model} is not found for API version {version}, "
                                   f"or is not supported for generateContent. Call ListModels to "
                                   f"see the list of available models and their supported methods.")
@@ -144,11 +158,12 @@ def create_gemini_fake(state: FakeState) -> FastAPI:
     return app
 
 
-def start_fake_gemini(port: int | None = None, api_key: str | None = None) -> FakeServer:
+def start_fake_gemini(port: int | None = None, api_key: str | None = None,
+                      models: list[str] | None = None) -> FakeServer:
     """Start the fake on 127.0.0.1:``port`` (a free one if None); give google-genai ``.base_url``.
 
     With ``api_key`` set, requests carrying another ``x-goog-api-key`` get Google's 400
-    API_KEY_INVALID.
+    API_KEY_INVALID. With ``models`` set, only those are listed and served (others: 404).
     """
     state = FakeState(api_key=api_key)
-    return serve(create_gemini_fake(state), state, port, "")
+    return serve(create_gemini_fake(state, models), state, port, "")

@@ -1,5 +1,6 @@
 """A fake OpenAI-compatible provider: ``POST /v1/chat/completions`` (JSON and SSE) and
-``GET /v1/models``, with OpenAI's error bodies. Its answer echoes what it received::
+``GET /v1/models``, with OpenAI's error bodies. Given ``models``, it lists only those and answers
+any other model with OpenAI's 404 ``model_not_found`` (a retired default, for instance). Its answer echoes what it received::
 
     echo: <last user message> (turns=<user+assistant messages>, system=<system prompt or none>)
 
@@ -81,8 +82,20 @@ def _check(body: Any) -> str | None:
     return None
 
 
-def create_openai_fake(state: FakeState) -> FastAPI:
-    """The fake's ASGI app, answering from ``state`` (and recording into it)."""
+def default_models() -> list[str]:
+    """Every preset's first choice: the notebooks' defaults all answer under test."""
+    from helpers.chat.presets import PRESETS
+
+    return sorted({p.default_model for p in PRESETS.values()})
+
+
+def create_openai_fake(state: FakeState, models: list[str] | None = None) -> FastAPI:
+    """The fake's ASGI app, answering from ``state`` (and recording into it).
+
+    ``models``: what ``/v1/models`` lists; given, every other model gets a 404.
+    """
+    enforce = models is not None  # before the route below shadows the name
+    listed = list(models) if models is not None else default_models()
     app = FastAPI(title="fake OpenAI-compatible API")
 
     @app.get("/health")
@@ -90,9 +103,11 @@ def create_openai_fake(state: FakeState) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    def models() -> dict[str, Any]:
+    def models(request: Request) -> dict[str, Any]:
+        with state.lock:  # recorded, but no scripted answer is spent on it
+            state.requests.append(Received("GET", request.url.path, {}, {}, None))
         return {"object": "list", "data": [
-            {"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "fake"}]}
+            {"id": name, "object": "model", "created": 0, "owned_by": "fake"} for name in listed]}
 
     @app.post("/v1/chat/completions")
     async def completions(request: Request) -> Any:
@@ -112,6 +127,8 @@ def create_openai_fake(state: FakeState) -> FastAPI:
         if plan.status != 200:
             return error_response(plan.status, plan.message, plan.retry_after, model=model,
                                   masked=_mask(sent))
+        if enforce and model not in listed:
+            return error_response(404, model=model)
         problem = _check(body)
         if problem:
             return error_response(400, problem)
@@ -145,10 +162,12 @@ def create_openai_fake(state: FakeState) -> FastAPI:
     return app
 
 
-def start_fake_openai(port: int | None = None, api_key: str | None = None) -> FakeServer:
+def start_fake_openai(port: int | None = None, api_key: str | None = None,
+                      models: list[str] | None = None) -> FakeServer:
     """Start the fake on 127.0.0.1:``port`` (a free one if None); ``.base_url`` ends in /v1.
 
-    With ``api_key`` set, requests carrying another key get OpenAI's 401.
+    With ``api_key`` set, requests carrying another key get OpenAI's 401. With ``models`` set,
+    only those are listed and served (others: 404).
     """
     state = FakeState(api_key=api_key)
-    return serve(create_openai_fake(state), state, port, "/v1")
+    return serve(create_openai_fake(state, models), state, port, "/v1")
