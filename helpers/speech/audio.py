@@ -1,4 +1,4 @@
-"""``Audio``: mono 16-bit PCM and its sample rate, as WAV, raw PCM or MP3 bytes."""
+"""``Audio``: mono 16-bit PCM and its sample rate, as WAV, raw PCM, MP3 or FLAC bytes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FORMATS = ("wav", "pcm", "mp3")
-MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "mp3": "audio/mpeg"}
+FORMATS = ("wav", "pcm", "mp3", "flac")
+MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "mp3": "audio/mpeg", "flac": "audio/flac"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,16 @@ class Audio:
         s = self.samples.astype(np.float64)
         return float(np.sqrt(np.mean(s * s))) if s.size else 0.0
 
+    def resample(self, rate: int) -> Audio:
+        """The same sound at ``rate`` Hz (linear interpolation: enough for speech)."""
+        if rate == self.sample_rate or not self.pcm:
+            return Audio(self.pcm, rate)
+        s = self.samples.astype(np.float64)
+        n = round(len(s) * rate / self.sample_rate)
+        at = np.arange(n) * (self.sample_rate / rate)
+        out = np.interp(at, np.arange(len(s)), s)
+        return Audio(np.clip(np.round(out), -32768, 32767).astype("<i2").tobytes(), rate)
+
     def wav(self) -> bytes:
         """A WAV file (the standard library writes it)."""
         out = io.BytesIO()
@@ -44,22 +54,22 @@ class Audio:
             w.writeframes(self.pcm)
         return out.getvalue()
 
-    def mp3(self) -> bytes:
-        """An MP3 file, encoded by libsndfile (its wheels bundle LAME; no ffmpeg needed)."""
+    def compressed(self, format_: str) -> bytes:
+        """An MP3 or FLAC file, encoded by libsndfile (its wheels bundle LAME; no ffmpeg)."""
         import soundfile
 
         out = io.BytesIO()
-        soundfile.write(out, self.samples, self.sample_rate, format="MP3")
+        soundfile.write(out, self.samples, self.sample_rate, format=format_.upper())
         return out.getvalue()
 
     def encode(self, response_format: str) -> bytes:
-        """The bytes of ``response_format``: "wav", "pcm" or "mp3"."""
+        """The bytes of ``response_format``: "wav", "pcm", "mp3" or "flac"."""
         if response_format == "wav":
             return self.wav()
         if response_format == "pcm":
             return self.pcm
-        if response_format == "mp3":
-            return self.mp3()
+        if response_format in ("mp3", "flac"):
+            return self.compressed(response_format)
         raise ValueError(f"unknown audio format {response_format!r}: use one of {FORMATS}")
 
     @classmethod
