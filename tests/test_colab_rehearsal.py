@@ -35,7 +35,8 @@ from helpers.config import REPO_URL
 from tests.notebook_env import notebook_services
 
 REPO = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ["01_download.ipynb", "02_linly_api.ipynb", "03_qwen.ipynb", "04_cloud_llms.ipynb"]
+NOTEBOOKS = ["01_download.ipynb", "02_linly_api.ipynb", "03_qwen.ipynb", "04_cloud_llms.ipynb",
+             "05_digital_human.ipynb"]
 CELL_TIMEOUT_S = 600
 KERNEL = "dhllm-colab-rehearsal"
 
