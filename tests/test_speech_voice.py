@@ -149,3 +149,20 @@ def test_the_pipeline_hands_on_errors_and_the_chapter_way_speaks_all() -> None:
         list(speak_stream(broken(), EspeakVoice()))
     whole = speak_text("第一句。第二句。", EspeakVoice())
     assert whole.seconds > EspeakVoice().synthesize("第一句。").seconds
+
+
+def test_leaving_the_pipeline_early_closes_the_llm_stream() -> None:
+    closed = threading.Event()
+
+    def llm() -> Iterator[str]:
+        try:
+            while True:
+                yield "又一句话。"
+        finally:
+            closed.set()
+
+    stream = llm()  # the caller still holds it, so only the pipeline can close it
+    clips = speak_stream(stream, EspeakVoice(), max_ahead=1)
+    assert next(clips).sentence == "又一句话。"
+    clips.close()
+    assert closed.wait(10)

@@ -55,6 +55,10 @@ def speak_stream(chunks: Iterable[str], voice: Voice, speed: float = 1.0,
             put(_DONE)
         except BaseException as exc:  # handed to the consumer, raised there
             put(exc)
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:  # a consumer that left early: end the LLM's stream too
+                close()
 
     thread = threading.Thread(target=work, name="speak-stream", daemon=True)
     thread.start()
