@@ -57,7 +57,8 @@ def services(tmp_path_factory, embedded_chat):
 
 def test_there_are_snippets_in_every_summary():
     stems = {s[0].rsplit("-", 1)[0] for s in SNIPPETS}
-    assert {"01_download", "02_linly_api", "03_qwen", "04_cloud_llms", "README"} <= stems
+    assert {"01_download", "02_linly_api", "03_qwen", "04_cloud_llms", "05_digital_human",
+            "README"} <= stems
 
 
 @pytest.mark.parametrize(("name", "lang", "code"), SNIPPETS, ids=[s[0] for s in SNIPPETS])

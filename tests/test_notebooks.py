@@ -12,7 +12,8 @@ from helpers.config import REPO_URL
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-NAMES = ["01_download.ipynb", "02_linly_api.ipynb", "03_qwen.ipynb", "04_cloud_llms.ipynb"]
+NAMES = ["01_download.ipynb", "02_linly_api.ipynb", "03_qwen.ipynb", "04_cloud_llms.ipynb",
+         "05_digital_human.ipynb"]
 
 
 def load(path: Path) -> list[dict]:
@@ -27,7 +28,7 @@ def setup_cell(path: Path) -> str:
     return next(source(c) for c in load(path) if c["cell_type"] == "code")
 
 
-def test_the_four_notebooks_exist():
+def test_the_notebooks_exist():
     assert [p.name for p in NOTEBOOKS] == NAMES
 
 
@@ -93,7 +94,7 @@ def test_later_notebooks_keep_off_the_chapters_port():
 
     assert NOTEBOOK_PORTS["02"] == DEFAULT_PORT
     assert len(set(NOTEBOOK_PORTS.values())) == len(NOTEBOOK_PORTS)
-    for name in ["03_qwen.ipynb", "04_cloud_llms.ipynb"]:
+    for name in ["03_qwen.ipynb", "04_cloud_llms.ipynb", "05_digital_human.ipynb"]:
         for cell in code_sources(ROOT / "notebooks" / name):
             assert str(DEFAULT_PORT) not in cell, f"{name} uses port {DEFAULT_PORT}:\n{cell}"
             for call in re.findall(r"serve_in_background\([^)]*\)", cell):

@@ -1,4 +1,4 @@
-"""helpers.speech: sentence splitting for text-to-speech, whole and streamed."""
+"""helpers.speech.sentences: sentence splitting for text-to-speech, whole and streamed."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import helpers.speech
+import helpers.speech.sentences
 from helpers.speech import (
     FIRST_MIN_CHARS,
     MAX_CHARS,
@@ -239,8 +239,8 @@ def test_bad_max_chars_is_refused():
         SentenceSplitter(max_chars=0)
 
 
-def test_the_module_uses_the_standard_library_only():
-    tree = ast.parse(Path(helpers.speech.__file__).read_text(encoding="utf-8"))
+def test_the_splitter_uses_the_standard_library_only():
+    tree = ast.parse(Path(helpers.speech.sentences.__file__).read_text(encoding="utf-8"))
     modules = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                for alias in node.names]
     for node in ast.walk(tree):

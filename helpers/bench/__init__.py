@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from helpers.bench.audio import first_audio, first_audio_table
 from helpers.bench.load import (
     LoadResult,
     health_latency_during,
@@ -54,6 +55,7 @@ class BenchConfig:
     persona_turns: int = 8  # 0 = skip the conversation
     pause_chars: int = 6000  # the arriving prompt (~1500 tokens); 0 = skip the pause test
     pause_tokens: int = 128  # tokens each running stream asks for
+    first_audio: bool = True  # time to first audio, whole answer vs streamed sentences
     plot: Path | None = Path("docs/images/throughput.png")
     json_path: Path | None = None
 
@@ -83,6 +85,9 @@ def measure(handle: Handle, cfg: BenchConfig, latency: bool = True) -> dict[str,
         out[str(n)] = {**asdict(result), "tokens_per_s": result.tokens_per_s}
     low, high = str(min(cfg.clients)), str(max(cfg.clients))
     out["ratio"] = out[high]["tokens_per_s"] / max(out[low]["tokens_per_s"], 1e-9)
+    if cfg.first_audio:
+        out["first_audio"] = {str(n): first_audio(url, model, n, cfg.tokens, cfg.temperature)
+                              for n in cfg.clients}
     if latency and cfg.persona_turns:
         out["persona"] = persona_ttft(url, model, cfg.persona_turns, cfg.tokens)
     if latency and cfg.pause_chars:
@@ -172,5 +177,6 @@ def main(cfg: BenchConfig) -> BenchReport:
     """Run, then print the table and the JSON of the same run."""
     report = run_bench(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_table(report))
+    print(first_audio_table(report))
     print(json.dumps(asdict(report), indent=2))
     return report

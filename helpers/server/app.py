@@ -1,4 +1,5 @@
-"""``create_app(chat_model, settings) -> FastAPI``: the chapter's ``POST /`` and OpenAI's ``/v1``.
+"""``create_app(chat_model, settings) -> FastAPI``: the chapter's ``POST /`` and OpenAI's ``/v1``
+(chat, models, and ``/v1/audio/speech`` for the digital human's voice).
 
 No module globals: each app owns its engine, settings and model, so two apps in one process
 share nothing. Generation runs in the engine (a worker thread, or another process for vLLM);
@@ -19,7 +20,7 @@ from helpers.server.context import ServerContext
 from helpers.server.engine import Engine, create_engine
 from helpers.server.errors import install_error_handlers
 from helpers.server.middleware import RequestMiddleware
-from helpers.server.routes import linly, openai
+from helpers.server.routes import linly, openai, speech
 
 
 def create_app(chat_model: ChatModel, settings: Settings | None = None,
@@ -68,4 +69,5 @@ def create_app(chat_model: ChatModel, settings: Settings | None = None,
 
     app.include_router(linly.router)
     app.include_router(openai.router)
+    app.include_router(speech.router)
     return app
