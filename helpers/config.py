@@ -90,7 +90,7 @@ class Settings(BaseSettings):
 
     # vLLM (``dhllm serve --engine vllm``): its own venv's python (else .venv-vllm, else `vllm`
     # on PATH), extra command-line arguments, and its CPU KV cache in GiB (CPU builds only).
-    vllm_python: str | None = None
+    vllm_python: str | None = None  # "none": never use vLLM, even where installed
     vllm_url: str | None = None  # an already running vLLM (or a router in front of replicas)
     vllm_args: str = ""
     vllm_kvcache_gb: int = 2

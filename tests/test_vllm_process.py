@@ -87,3 +87,14 @@ def test_replicas_need_the_vllm_engine() -> None:
 
     with pytest.raises(ValueError, match="--engine vllm"):
         serve("embedded", port=0, engine="builtin", replicas=2)
+
+
+def test_vllm_python_none_turns_vllm_off_even_where_installed(tmp_path) -> None:
+    """DHLLM_VLLM_PYTHON=none: the no-vLLM path, whatever is installed; a wrong path is an error."""
+    from helpers.server.vllm import VLLMError
+    from helpers.server.vllm.venv import find_vllm_python
+
+    assert find_vllm_python("none") is None
+    assert find_vllm_python(" None ") is None
+    with pytest.raises(VLLMError, match="not a Python interpreter with vLLM"):
+        find_vllm_python(str(tmp_path / "no-such-venv"))

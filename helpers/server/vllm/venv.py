@@ -78,7 +78,13 @@ def _shebang_python(script: Path) -> Path | None:
 
 
 def find_vllm_python(setting: str | None = None) -> Path | None:
-    """Find a Python with vLLM: ``setting``, then the repo's ``.venv-vllm``, then ``vllm`` on PATH."""
+    """Find a Python with vLLM: ``setting``, then the repo's ``.venv-vllm``, then ``vllm`` on PATH.
+
+    ``setting`` "none" means: never use vLLM here, even where it is installed (it takes ~5 GB of
+    RAM and a minute to start; a notebook then takes its no-vLLM path).
+    """
+    if setting and setting.strip().lower() == "none":
+        return None
     if setting:
         # An explicit choice that is wrong is an error, not something to silently route around.
         python = python_in(Path(setting).expanduser())
