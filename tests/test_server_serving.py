@@ -3,11 +3,13 @@ independent apps, ports."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -237,3 +239,16 @@ def test_stop_while_a_reply_streams_frees_the_port(tiny_chat):
     port = int(handle.url.rsplit(":", 1)[1])
     with serve_in_background(tiny_chat, port=port) as again:  # the same port serves again
         assert requests.get(again.url + "/health", timeout=10).status_code == 200
+
+
+def test_a_stopped_server_lets_go_of_its_model(tiny_model_dir):
+    """Notebook 02 frees GPU memory with stop, del and gc: nothing else may keep the model."""
+    chat = TransformersChat.load(str(tiny_model_dir), verbose=False)
+    model = weakref.ref(chat.model)
+    handle = serve_in_background(create_app(chat), port=free_port())
+    requests.get(handle.url + "/health", timeout=10).raise_for_status()
+    requests.post(handle.url, json={"prompt": "hi", "max_length": 2}, timeout=30).raise_for_status()
+    handle.stop()
+    del chat, handle
+    gc.collect()
+    assert model() is None

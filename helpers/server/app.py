@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from helpers.chat.base import ChatModel
 from helpers.config import Settings, get_settings
@@ -61,10 +61,14 @@ def create_app(chat_model: ChatModel, settings: Settings | None = None,
     install_error_handlers(app)
 
     @app.get("/health", response_model=p.Health, tags=["meta"])
-    async def health() -> p.Health:
+    async def health(request: Request) -> p.Health:
         """Always open (no API key), cheap: for load balancers and notebooks."""
-        replicas = getattr(engine, "replica_health", None)  # vLLM replicas behind a router
-        return p.Health(model=ctx.model_name, engine=engine.kind, stats=engine.stats.as_dict(),
+        # From the app's state, not a closure: FastAPI caches endpoint functions process-wide
+        # (an lru_cache), so a closure over ctx would keep the model on the GPU after stop().
+        state = request.app.state
+        replicas = getattr(state.engine, "replica_health", None)  # vLLM replicas behind a router
+        return p.Health(model=state.ctx.model_name, engine=state.engine.kind,
+                        stats=state.engine.stats.as_dict(),
                         replicas=replicas() if replicas is not None else None)
 
     app.include_router(linly.router)
