@@ -109,13 +109,14 @@ def test_load_model_from_a_folder(tiny_model_dir, capsys):
 # ---------------------------------------------------------------- memory estimates
 
 def test_estimates_match_linly_7b_measured_sizes():
+    """Weights as measured on a GPU (docs/gpu_check.md: fp16 12.675 GiB, nf4 3.796 GiB allocated)."""
     spec = get_spec("linly-7b")
-    assert spec.params_b == 6.74
-    overhead = estimate_gib(spec.params_b, spec.kv_kib_per_token, "float16") - 12.55
+    assert spec.params_b == 6.805  # Linly's config: vocab 40076, untied embeddings
+    overhead = estimate_gib(spec.params_b, spec.kv_kib_per_token, "float16") - 12.675
     assert overhead == pytest.approx(1.0 + MARGIN_GIB, abs=0.01)  # 2k tokens of KV cache: 1 GiB
-    for precision, weights in [("float16", 12.6), ("bfloat16", 12.6), ("8bit", 6.5), ("4bit", 3.9)]:
+    for precision, weights in [("float16", 12.7), ("bfloat16", 12.7), ("8bit", 6.5), ("4bit", 3.8)]:
         estimated = estimate_gib(spec.params_b, spec.kv_kib_per_token, precision) - overhead
-        assert estimated == pytest.approx(weights, abs=0.1), precision
+        assert estimated == pytest.approx(weights, abs=0.15), precision
 
 
 # ---------------------------------------------------------------- choose_model on faked GPUs
@@ -143,7 +144,7 @@ GPUS = {
     ("T4", "linly-7b", "float16", None),  # no native bf16 before Ampere
     ("L4", "linly-7b", "bfloat16", None),
     ("A100", "linly-7b", "bfloat16", None),
-    ("RTX 3060", "linly-7b", "bfloat16", "4bit"),  # 16-bit needs ~14.3 GiB
+    ("RTX 3060", "linly-7b", "bfloat16", "4bit"),  # 16-bit needs ~14.4 GiB
     ("RTX 3070", "linly-7b", "bfloat16", "4bit"),
     ("GTX 1650", "qwen2.5-1.5b-instruct", "float16", None),  # even 4-bit Linly needs ~5.6 GiB
 ])
@@ -240,7 +241,7 @@ def test_a_gpu_loads_linly_from_models_folder_offline_and_says_so_when_it_is_mis
 def test_describe_environment_names_the_model_without_printing(isolated, capsys):
     fake_gpu(isolated, *GPUS["T4"])
     text = describe_environment(online=True)
-    assert "Tesla T4" in text and "choose_model('linly-7b') -> linly-7b, float16, ~14.3 GiB GPU" in text
+    assert "Tesla T4" in text and "choose_model('linly-7b') -> linly-7b, float16, ~14.4 GiB GPU" in text
     assert len(text.splitlines()) == 2 and capsys.readouterr().out == ""
 
 

@@ -52,7 +52,7 @@ REGISTRY: dict[str, ModelSpec] = {
             hf_id="Linly-AI/Chinese-LLaMA-2-7B-hf",
             modelscope_id=None,
             prompt_format="linly",
-            params_b=6.74,
+            params_b=6.805,  # counted from its config (vocab 40076, untied): docs/gpu_check.md
             kv_kib_per_token=512,  # 32 layers, 32 heads x 128: ~1 GiB for 2k tokens
             note="the chapter's model: a plain Llama-2 with a Chinese vocabulary",
         ),
