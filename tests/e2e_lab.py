@@ -235,3 +235,14 @@ def saved_errors(notebook: Path) -> list[str]:
     nb = nbformat.read(notebook, as_version=4)
     return [f"{o.get('ename')}: {o.get('evalue')}" for c in nb.cells if c.cell_type == "code"
             for o in c.get("outputs", []) if o.get("output_type") == "error"]
+
+
+def saved_text(notebook: Path) -> str:
+    """Every stream and plain-text output in the notebook file as saved by JupyterLab.
+
+    The page alone cannot tell: JupyterLab renders only the cells near the viewport.
+    """
+    nb = nbformat.read(notebook, as_version=4)
+    texts = [o.get("text") or o.get("data", {}).get("text/plain", "")
+             for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    return "\n".join(t if isinstance(t, str) else "".join(t) for t in texts)
