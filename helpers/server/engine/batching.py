@@ -24,7 +24,7 @@ from helpers.chat import GenerationParams, Message, TokenBatchable
 from helpers.config import Settings, get_settings
 from helpers.server.engine.base import Engine, EngineStoppedError, Finish, Stream
 from helpers.server.engine.kv import kv_bytes_per_token
-from helpers.server.engine.kv_manager import BlocksToStore, KVManager
+from helpers.server.engine.kv_manager import KVManager
 from helpers.server.engine.prefix_cache import PrefixCache, reusable
 from helpers.server.engine.rows import Row
 from helpers.server.engine.runner import ModelRunner
@@ -165,7 +165,7 @@ class BatchingEngine(Engine):
                 r for r in prefilled.rows if r.finish_reason is None])
         elif plan.stage == "store":
             for blocks in self.kv.take_blocks():
-                self._store(blocks)
+                self.kv.store(blocks)
         elif plan.stage == "prefill":
             self._stage(lambda: self._prefill_chunk(plan.prefill_tokens), self.kv.take_prefilling)
         self._update_gauges()
@@ -228,7 +228,7 @@ class BatchingEngine(Engine):
                 keep.append(i)
             else:
                 if self.prefix_cache is not None:
-                    self._store(self.kv.finished_blocks(i))
+                    self.kv.store(self.kv.finished_blocks(i))
                 self._finish(r)
         with self._lock:
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
@@ -237,20 +237,6 @@ class BatchingEngine(Engine):
                 self.kv.keep(keep)
             except Exception as exc:
                 self._fail(self.kv.take_running(), exc)
-
-    def _store(self, blocks: BlocksToStore) -> None:
-        """Keep one row's blocks; a failure costs only those blocks, never a stream."""
-        try:
-            self.kv.store(blocks)
-        except Exception:  # the prefix cache is an optimisation: the reply is not at stake
-            log.exception("storing prompt blocks in the prefix cache failed")
-            self._count("store_errors")
-        cache = self.prefix_cache
-        if cache is not None:
-            with self._lock:
-                self.stats.cache_bytes = cache.bytes
-                self.stats.cache_blocks = len(cache)
-                self.stats.cache_evictions = cache.evictions
 
     def _shut_down(self) -> None:
         error = EngineStoppedError("the server is shutting down")
@@ -261,9 +247,13 @@ class BatchingEngine(Engine):
                 req.stream.close(Finish("error", len(req.prompt_ids), error=error))
 
     def _update_gauges(self) -> None:
+        cache = self.prefix_cache
         with self._lock:
             self.stats.running = len(self.kv.running.rows)
             self.stats.prefilling = self.kv.rows_prefilling()
+            if cache is not None:
+                self.stats.cache_bytes, self.stats.cache_blocks = cache.bytes, len(cache)
+                self.stats.cache_evictions = cache.evictions
 
     def _finish(self, r: Row) -> None:
         with self._lock:

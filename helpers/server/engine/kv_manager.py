@@ -8,6 +8,7 @@ and returns its rows: the engine fails exactly those when the stage that holds t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,8 @@ from helpers.server.engine.prefill import PrefillGroup
 from helpers.server.engine.prefix_cache import PrefixCache
 from helpers.server.engine.rows import Row
 from helpers.server.engine.scheduler import BatchLoad
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -183,10 +186,17 @@ class KVManager:
                              r.position)
 
     def store(self, blocks: BlocksToStore) -> None:
-        """Keep the full blocks of one row's first ``length`` tokens (KV already computed)."""
+        """Keep the full blocks of one row's first ``length`` tokens (KV already computed).
+
+        A failure costs only those blocks, never a stream: the prefix cache is an optimisation.
+        """
         if self.prefix_cache is None:
             return
         r = blocks.row
         ids = (r.prompt_ids + r.tokens)[:blocks.length]
-        self.prefix_cache.store(ids, lambda a, b: row_kv(blocks.kv, blocks.mask_row,
-                                                         blocks.index, a, b))
+        try:
+            self.prefix_cache.store(ids, lambda a, b: row_kv(blocks.kv, blocks.mask_row,
+                                                             blocks.index, a, b))
+        except Exception:
+            log.exception("storing blocks in the prefix cache failed; the replies go on")
+            self._count("store_errors", 1)
