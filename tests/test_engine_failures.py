@@ -48,7 +48,7 @@ def raise_once(real: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def collect(stream: Stream, timeout: float = 60.0) -> tuple[str, BaseException | None]:
+def collect(stream: Stream, timeout: float = 300.0) -> tuple[str, BaseException | None]:
     """The stream's text and its error; fails the test if the stream never closes."""
     out: dict[str, Any] = {"text": [], "error": None}
 
