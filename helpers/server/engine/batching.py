@@ -229,6 +229,7 @@ class BatchingEngine(Engine):
             else:
                 if self.prefix_cache is not None:
                     self.kv.store(self.kv.finished_blocks(i))
+                    self._update_gauges()  # before the client hears the end
                 self._finish(r)
         with self._lock:
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
