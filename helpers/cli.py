@@ -198,7 +198,10 @@ def bench(
     tokens: Annotated[int, typer.Option(help="new tokens per request")] = 48,
     clients: Annotated[str, typer.Option(help="the two client counts compared, e.g. 1,8")] = "1,8",
     sweep: Annotated[str, typer.Option(help="client counts for the plot ('' = none)")] = "1,2,4,8,16",
-    rounds: Annotated[int, typer.Option(help="requests per client in the headline runs")] = 2,
+    rounds: Annotated[int, typer.Option(help="requests per client in the headline runs")] = 1,
+    repeats: Annotated[int, typer.Option(
+        help="interleaved rounds: every server runs once per round, A B A B")] = 2,
+    classroom: Annotated[int, typer.Option(help="requests sent at once for p50/p95 (0 = skip)")] = 30,
     servers: Annotated[str, typer.Option(
         help="our servers to run: dhllm,serial ('' = none)")] = "dhllm,serial",
     peers: Annotated[str, typer.Option(
@@ -229,8 +232,8 @@ def bench(
             cfg = BenchConfig.quick(**chosen)
         else:
             cfg = BenchConfig(**chosen, tokens=tokens, clients=counts(clients),
-                              sweep=counts(sweep), rounds=rounds, builtin=builtin,
-                              persona_turns=turns)
+                              sweep=counts(sweep), rounds=rounds, repeats=repeats,
+                              classroom=classroom, builtin=builtin, persona_turns=turns)
     except ValueError as exc:
         _fail(f"client counts must be integers like 1,8: {exc}")
     run_bench(cfg)

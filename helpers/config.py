@@ -79,11 +79,18 @@ class Settings(BaseSettings):
     max_new_tokens_cap: int = 2048
     max_prompt_chars: int = 32_000
 
-    # Engine: how many sequences decode together and how many may wait.
-    max_batch_size: int = 16
+    # Engine (the builtin batching engine reads these, and only from here). Memory decides how
+    # many sequences decode together: each reserves the KV of its prompt plus max_new_tokens,
+    # and newcomers join while the reservations fit kv_cache_mb. 1024 MiB holds ~23k tokens of
+    # the embedded model (45 KiB each): 64 replies of 256 tokens, or a classroom of 30 in one
+    # wave; a 7B Llama in fp16 (0.5 MiB per token) gets ~2k tokens: raise it on a big GPU.
+    # max_batch_size is the hard cap on rows whatever the memory (a decode step of 64 rows
+    # already takes ~4x one of 8 on a 2-core CPU); 1 serves requests one by one.
+    kv_cache_mb: float = 1024
+    max_batch_size: int = 64
     max_queue: int = 64
     # Prefix reuse (0 = off) and chunked prefill; see the DEFAULT_* constants above for why.
-    prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB
+    prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB
     prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS
 
     mirror_port: int = DEFAULT_MIRROR_PORT

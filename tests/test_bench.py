@@ -20,6 +20,9 @@ def test_bench_runs_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
         assert results[key]["1"]["tokens"] > 0 and results[key]["2"]["tokens"] > 0
         assert results[key]["1"]["errors"] == results[key]["2"]["errors"] == 0
         assert results[key]["ratio"] > 0
+        room = results[key]["classroom"]
+        assert room["clients"] == 3 and room["errors"] == 0 and room["tokens"] > 0
+        assert room["full_p95"] >= room["full_p50"] > 0
     persona, pause = results["ours"]["persona"], results["ours"]["pause"]
     assert persona["turns"] == 2 and len(persona["ttft"]) == 2 and persona["first"] > 0
     assert pause["median_gap"] > 0 and pause["longest_pause"] > 0 and pause["long_prompt_ttft"] > 0
@@ -32,7 +35,50 @@ def test_bench_runs_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     assert json.loads(out.read_text())["results"]["ours"]["ratio"] == results["ours"]["ratio"]
     table = format_table(report)
     assert "dhllm (continuous batching)" in table and "serial chapter-style" in table
-    assert "longest pause" in table and "first sentence" in table
+    assert "longest pause" in table and "first sentence" in table and "3 at once" in table
+
+
+def test_servers_take_turns_round_after_round(monkeypatch):
+    """A B A B, each start in a process of its own; the rounds' figures are merged."""
+    import helpers.bench as bench
+    from helpers.bench import BenchReport, LoadResult, Peer, PeerRequest
+
+    events: list[str] = []
+
+    class FakeHandle:
+        url, model = "http://127.0.0.1:9", "m"
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+            events.append(f"start {name}")
+
+        def wait(self, timeout: float = 0) -> FakeHandle:
+            return self
+
+        def stop(self) -> None:
+            events.append(f"stop {self.name}")
+
+    def fake_load(handle, cfg):
+        events.append(f"load {handle.name}")
+        speed = 10.0 if handle.name == "a" else 20.0
+        return {str(n): LoadResult(n, int(speed * (len(events))), 1.0, 0.1, 1.0, fulls=[1.0])
+                for n in cfg.clients}
+
+    peers = {name: Peer(name, name.upper(), lambda req, name=name: FakeHandle(name))
+             for name in ("a", "b")}
+    monkeypatch.setattr(bench, "PEERS", peers)
+    monkeypatch.setattr(bench, "measure_load", fake_load)
+    monkeypatch.setattr(bench, "measure_latency", lambda handle, cfg: {})
+    cfg = BenchConfig.quick(repeats=2, clients=(1, 2))
+    report = BenchReport(config={})
+    bench.run_interleaved(["a", "b", "nope"], PeerRequest("m", "d", "m", 4), cfg, report,
+                          log=lambda _: None)
+    assert [e for e in events if e.startswith("load")] == ["load a", "load b", "load a", "load b"]
+    assert events[:3] == ["start a", "load a", "stop a"]  # one server at a time
+    a = report.results["a"]["2"]
+    assert a["rounds_tokens_per_s"] == [20.0, 80.0] and a["tokens"] == 100  # 2nd and 8th event
+    assert a["tokens_per_s"] == a["tokens"] / a["seconds"]
+    assert any("nope" in n for n in report.notes)
 
 
 def test_first_sentence_is_when_a_tts_client_gets_one_and_sse_lines():

@@ -131,12 +131,18 @@ def test_rows_with_different_cached_prefixes_share_one_prefill(tiny_chat):
 
 def test_eviction_under_a_tiny_budget_stays_correct(tiny_chat):
     reference, _ = converse(lambda m: tiny_chat.chat(m, **vars(GREEDY)), turns=4)
-    engine = started(tiny_chat, prefix_cache_mb=0.03)  # ~4 blocks of the tiny model
+    other = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": TURNS[1]}]
+    other_reference = tiny_chat.chat(other, **vars(GREEDY))
+    engine = started(tiny_chat, prefix_cache_mb=0.03)  # 3 blocks of the tiny model
     try:
         answers, _ = converse(lambda m: run(engine, m, GREEDY), turns=4)
+        hits = engine.stats.cache_hits
+        assert run(engine, other, GREEDY) == other_reference  # evicts the persona's blocks
     finally:
         engine.stop()
     assert answers == reference
+    # The head of the persona's chain stays while the conversation goes on: turns 2-4 hit.
+    assert hits == 3
     assert engine.stats.cache_evictions > 0
     assert engine.stats.cache_bytes <= engine.prefix_cache.budget_bytes
 

@@ -1,7 +1,9 @@
 """``dhllm bench``: what a digital human's users feel, for our server and its peers, in one run.
 
-Per server (each in its own process, started by name from ``peers.PEERS``): aggregate tokens/s
-for 1 and 8 concurrent streaming clients, time to first token and to the first whole sentence
+Per server (each in its own process, started by name from ``peers.PEERS``, the servers taking
+turns round after round, A B A B): aggregate tokens/s for 1 and 8 concurrent streaming clients,
+a classroom of 30 requests at once (p50/p95 of each request's time), time to first token and to
+the first whole sentence
 (what a TTS voice waits for), TTFT at turn 1 and turn 8 of a conversation with a ~600-token
 persona (prefix reuse), and the longest pause of 3 running streams while a ~1500-token prompt
 arrives, against their median gap between tokens (chunked prefill). Also: the server's overhead
@@ -23,6 +25,7 @@ from helpers.bench.audio import first_audio, first_audio_table
 from helpers.bench.load import (
     LoadResult,
     health_latency_during,
+    merge_loads,
     pause_during_long_prompt,
     percentile,
     persona_ttft,
@@ -46,8 +49,10 @@ class BenchConfig:
     model: str = "embedded"
     tokens: int = 48
     temperature: float = 0.7
-    rounds: int = 2
+    rounds: int = 1  # requests each client sends, one after another, in a load run
+    repeats: int = 2  # interleaved rounds: every server runs once per round (A B A B)
     clients: Sequence[int] = (1, 8)
+    classroom: int = 30  # the "30 at once" run: p50/p95 of each request's time (0 = skip)
     sweep: Sequence[int] = (1, 2, 4, 8, 16)
     servers: Sequence[str] = ("dhllm", "serial")  # names in PEERS; "dhllm" gets the extras
     peers: Sequence[str] = ("plain", "cb")  # more names in PEERS, e.g. "vllm", "dhllm-vllm"
@@ -62,7 +67,8 @@ class BenchConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
         """A small run (tests, a first look): few tokens, 2 turns, a short arriving prompt."""
-        small: dict[str, Any] = {"tokens": 8, "rounds": 1, "clients": (1, 2), "sweep": (),
+        small: dict[str, Any] = {"tokens": 8, "rounds": 1, "repeats": 1, "classroom": 3,
+                                 "clients": (1, 2), "sweep": (),
                                  "peers": (), "builtin": False, "persona_turns": 2,
                                  "pause_chars": 800, "pause_tokens": 24, "plot": None}
         return cls(**{**small, **overrides})
@@ -75,23 +81,28 @@ class BenchReport:
     notes: list[str] = field(default_factory=list)
 
 
-def measure(handle: Handle, cfg: BenchConfig, latency: bool = True) -> dict[str, Any]:
-    """Throughput for each client count, and (``latency``) the persona and pause figures."""
+def measure_load(handle: Handle, cfg: BenchConfig) -> dict[str, LoadResult]:
+    """Throughput for each client count, and the classroom: ``cfg.classroom`` requests at once."""
     url, model = handle.url, handle.model
     run_load(url, 1, 1, min(cfg.tokens, 8), 0.7, model)  # warm-up
+    out = {str(n): run_load(url, n, cfg.rounds, cfg.tokens, cfg.temperature, model)
+           for n in cfg.clients}
+    if cfg.classroom:
+        out["classroom"] = run_load(url, cfg.classroom, 1, cfg.tokens, cfg.temperature, model)
+    return out
+
+
+def measure_latency(handle: Handle, cfg: BenchConfig) -> dict[str, Any]:
+    """Time to first audio, TTFT by turn of the persona conversation, and the long-prompt pause."""
     out: dict[str, Any] = {}
-    for n in cfg.clients:
-        result = run_load(url, n, cfg.rounds, cfg.tokens, cfg.temperature, model)
-        out[str(n)] = {**asdict(result), "tokens_per_s": result.tokens_per_s}
-    low, high = str(min(cfg.clients)), str(max(cfg.clients))
-    out["ratio"] = out[high]["tokens_per_s"] / max(out[low]["tokens_per_s"], 1e-9)
-    if cfg.first_audio:
-        out["first_audio"] = {str(n): first_audio(url, model, n, cfg.tokens, cfg.temperature)
-                              for n in cfg.clients}
-    if latency and cfg.persona_turns:
-        out["persona"] = persona_ttft(url, model, cfg.persona_turns, cfg.tokens)
-    if latency and cfg.pause_chars:
-        out["pause"] = pause_during_long_prompt(url, model, 3, cfg.pause_tokens, cfg.pause_chars)
+    if cfg.first_audio:  # whole answer then TTS vs streamed sentences, at each client count
+        out["first_audio"] = {str(n): first_audio(handle.url, handle.model, n, cfg.tokens,
+                                                  cfg.temperature) for n in cfg.clients}
+    if cfg.persona_turns:
+        out["persona"] = persona_ttft(handle.url, handle.model, cfg.persona_turns, cfg.tokens)
+    if cfg.pause_chars:
+        out["pause"] = pause_during_long_prompt(handle.url, handle.model, 3, cfg.pause_tokens,
+                                                cfg.pause_chars)
     return out
 
 
@@ -103,35 +114,72 @@ def _ours_extras(handle: Handle, cfg: BenchConfig, results: dict[str, Any]) -> d
     results["health_ms_under_load"] = {
         "clients": top, "p50": percentile(latencies, 50) * 1000,
         "p99": percentile(latencies, 99) * 1000, "samples": len(latencies)}
+    return _sweep(handle, cfg)
+
+
+def _sweep(handle: Handle, cfg: BenchConfig) -> dict[int, float]:
     return {n: run_load(handle.url, n, 1, cfg.tokens, cfg.temperature, handle.model).tokens_per_s
             for n in cfg.sweep}
 
 
 def run_server(name: str, req: PeerRequest, cfg: BenchConfig, report: BenchReport,
-               log: Callable[[str], None]) -> dict[int, float]:
-    """Start one registered server, measure it, stop it; a peer that fails becomes a note."""
-    peer = PEERS.get(name)
-    if peer is None:
-        report.notes.append(f"{name}: no such peer (known: {', '.join(PEERS)})")
-        return {}
-    log(f"{peer.label} ...")
+               last: bool) -> tuple[dict[str, LoadResult], dict[int, float]]:
+    """Start one registered server, measure it, stop it; a peer that fails becomes a note.
+
+    Every round measures the load; the last round (the server warm from the ones before in
+    its own earlier processes, caches compiled) adds the latency figures and our extras.
+    """
+    peer = PEERS[name]
+    loads: dict[str, LoadResult] = {}
     sweep: dict[int, float] = {}
     handle = None
     try:
         handle = peer.start(req).wait(600)  # vLLM peers compile for ~60-95 s
-        report.results[peer.key] = measure(handle, cfg, latency=name != "serial")
-        if name in ("dhllm", "serial"):
-            if name == "dhllm":
-                sweep = _ours_extras(handle, cfg, report.results)
-            else:
-                sweep = {n: run_load(handle.url, n, 1, cfg.tokens, cfg.temperature,
-                                     handle.model).tokens_per_s for n in cfg.sweep}
+        loads = measure_load(handle, cfg)
+        if last and name != "serial":
+            report.results.setdefault(peer.key, {}).update(measure_latency(handle, cfg))
+        if last and name == "dhllm":
+            sweep = _ours_extras(handle, cfg, report.results)
+        elif last and name == "serial":
+            sweep = _sweep(handle, cfg)
     except Exception as exc:  # a peer that cannot run is reported, not fatal
         report.notes.append(f"{peer.key}: could not run: {type(exc).__name__}: {exc}")
     finally:
         if handle is not None:
             handle.stop()
-    return sweep
+    return loads, sweep
+
+
+def run_interleaved(names: Sequence[str], req: PeerRequest, cfg: BenchConfig,
+                    report: BenchReport, log: Callable[[str], None]) -> dict[str, dict[int, float]]:
+    """Each server in its own process, once per round, rounds A B A B: the machine's drift
+    (+-30 % within minutes on a shared CPU) falls on every server alike. One server runs at
+    a time, so peers never compete for the cores or the memory."""
+    unknown = [n for n in names if n not in PEERS]
+    report.notes += [f"{n}: no such peer (known: {', '.join(PEERS)})" for n in unknown]
+    names = [n for n in names if n in PEERS]
+    rounds: dict[str, list[dict[str, LoadResult]]] = {n: [] for n in names}
+    sweeps: dict[str, dict[int, float]] = {}
+    for r in range(max(1, cfg.repeats)):
+        last = r == max(1, cfg.repeats) - 1
+        for name in names:
+            if r and not rounds[name]:
+                continue  # it failed in the first round: once is enough
+            log(f"round {r + 1}/{max(1, cfg.repeats)}: {PEERS[name].label} ...")
+            loads, sweep = run_server(name, req, cfg, report, last)
+            if loads:
+                rounds[name].append(loads)
+            if sweep:
+                sweeps[name] = sweep
+    for name, runs in rounds.items():
+        if not runs:
+            continue
+        out = report.results.setdefault(PEERS[name].key, {})
+        for key in runs[0]:
+            out[key] = merge_loads([run[key] for run in runs if key in run])
+        low, high = str(min(cfg.clients)), str(max(cfg.clients))
+        out["ratio"] = out[high]["tokens_per_s"] / max(out[low]["tokens_per_s"], 1e-9)
+    return sweeps
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchReport:
@@ -148,8 +196,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchRepo
     results = report.results
     log("direct model.generate (no server) ...")
     direct = direct_tokens_per_s(chat, cfg.tokens, cfg.temperature)
-    sweeps = {name: run_server(name, req, cfg, report, log)
-              for name in [*cfg.servers, *cfg.peers]}
+    sweeps = run_interleaved([*cfg.servers, *cfg.peers], req, cfg, report, log)
     if "ours" in results:
         one = results["ours"][str(min(cfg.clients))]["tokens_per_s"]
         results["overhead"] = {"direct_tokens_per_s": direct,

@@ -80,6 +80,8 @@ class LoadResult:
     full_p50: float
     first_sentence_p50: float = 0.0
     errors: int = 0
+    full_p95: float = 0.0
+    fulls: list[float] = field(default_factory=list)  # each request's full reply time (s)
 
     @property
     def tokens_per_s(self) -> float:
@@ -109,11 +111,26 @@ def run_load(url: str, clients: int, rounds: int = 1, tokens: int = 48,
     seconds = time.perf_counter() - started
     ok = [r for r in results if r is not None]
     sentences = [r.first_sentence for r in ok if r.first_sentence is not None]
+    fulls = [r.full for r in ok]
     return LoadResult(
         clients=clients, tokens=sum(r.tokens for r in ok), seconds=seconds,
-        ttft_p50=_median([r.ttft for r in ok]), full_p50=_median([r.full for r in ok]),
+        ttft_p50=_median([r.ttft for r in ok]), full_p50=_median(fulls),
         first_sentence_p50=_median(sentences), errors=len(results) - len(ok),
+        full_p95=percentile(fulls, 95), fulls=fulls,
     )
+
+
+def merge_loads(runs: Sequence[LoadResult]) -> dict[str, Any]:
+    """Runs of one load (one per interleaved round) as one: tokens over seconds, pooled latencies."""
+    fulls = [f for r in runs for f in r.fulls]
+    tokens, seconds = sum(r.tokens for r in runs), sum(r.seconds for r in runs)
+    return {"clients": runs[0].clients, "tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds else 0.0,
+            "rounds_tokens_per_s": [r.tokens_per_s for r in runs],
+            "ttft_p50": _median([r.ttft_p50 for r in runs]),
+            "first_sentence_p50": _median([r.first_sentence_p50 for r in runs]),
+            "full_p50": _median(fulls), "full_p95": percentile(fulls, 95),
+            "errors": sum(r.errors for r in runs)}
 
 
 def persona_ttft(url: str, model: str, turns: int = len(TURNS), tokens: int = 48) -> dict[str, Any]:

@@ -14,6 +14,9 @@ def _row(label: str, r: dict[str, Any], low: str, high: str) -> str:
     cells = [f"{one.get('tokens_per_s', 0):.1f}", f"{many.get('tokens_per_s', 0):.1f}",
              f"{r.get('ratio', 0):.2f}x", f"{one.get('ttft_p50', 0) * 1000:.0f} ms",
              f"{one.get('first_sentence_p50', 0) * 1000:.0f} ms"]
+    room = r.get("classroom")
+    cells.append(f"{room['full_p50']:.1f} / {room['full_p95']:.1f} s"
+                 + (f" ({room['errors']} errors)" if room["errors"] else "") if room else "-")
     persona = r.get("persona")
     cells.append(f"{persona['first'] * 1000:.0f} -> {persona['last'] * 1000:.0f} ms"
                  if persona else "-")
@@ -28,16 +31,32 @@ def format_table(report: Any) -> str:
     r = report.results
     clients = report.config.get("clients") or [1, 8]
     low, high = str(min(clients)), str(max(clients))
+    room = report.config.get("classroom") or 0
     lines = [f"| server | {low} client tok/s | {high} clients tok/s | {high} vs {low} | "
-             "TTFT short | first sentence | TTFT turn 1 -> last | longest pause / median gap |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"TTFT short | first sentence | {room} at once p50 / p95 | TTFT turn 1 -> last | "
+             "longest pause / median gap |",
+             "|---|---|---|---|---|---|---|---|---|"]
     labels = {peer.key: peer.label for peer in PEERS.values()}
     for key, row in r.items():
         if key in labels or key.startswith("peer:"):
             lines.append(_row(labels.get(key, key), row, low, high))
+    lines += _rounds(r, labels, clients)
     lines += _details(r, low)
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
+
+
+def _rounds(r: dict[str, Any], labels: dict[str, str], clients: list[int]) -> list[str]:
+    """Tokens/s of each interleaved round: how much the machine drifted during the run."""
+    lines = []
+    for key, row in r.items():
+        if key not in labels:
+            continue
+        runs = [f"{c} clients: " + " / ".join(f"{v:.1f}" for v in row[str(c)]["rounds_tokens_per_s"])
+                for c in clients if len(row.get(str(c), {}).get("rounds_tokens_per_s", [])) > 1]
+        if runs:
+            lines.append(f"{labels[key]}, tok/s by round: " + "; ".join(runs))
+    return lines
 
 
 def _details(r: dict[str, Any], low: str) -> list[str]:

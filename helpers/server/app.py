@@ -32,10 +32,7 @@ def create_app(chat_model: ChatModel, settings: Settings | None = None,
     """
     settings = settings or get_settings()
     if engine is None:
-        engine = create_engine(chat_model, max_batch_size=settings.max_batch_size,
-                               max_queue=settings.max_queue,
-                               prefix_cache_mb=settings.prefix_cache_mb,
-                               prefill_chunk_tokens=settings.prefill_chunk_tokens)
+        engine = create_engine(chat_model, settings)
     ctx = ServerContext(chat_model, engine, settings)
 
     @asynccontextmanager

@@ -3,14 +3,19 @@
 Two engines share one interface (``submit`` -> ``Stream``):
 
 - ``BatchingEngine`` for a local model with the ``TokenBatchable`` capability: one worker
-  thread runs a continuous-batching decode loop with prefix (KV) reuse and chunked prefill.
+  thread runs a continuous-batching decode loop with prefix (KV) reuse and chunked prefill,
+  composed of a ``Scheduler`` (what each step runs), a ``KVManager`` (every KV tensor and the
+  prefix cache) and a ``ModelRunner`` (forward passes and sampling).
 - ``ThreadedEngine`` for any other ChatModel (cloud backends, remote-code ``model.chat``): each
   request's ``stream()`` runs in a bounded thread pool.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from helpers.chat import ChatModel, TokenBatchable
+from helpers.config import Settings, get_settings
 from helpers.server.engine.base import (
     Engine,
     EngineStats,
@@ -37,29 +42,16 @@ __all__ = [
 ]
 
 
-def create_engine(
-    chat_model: ChatModel, max_batch_size: int = 16, max_queue: int = 64, max_workers: int = 4,
-    prefix_cache_mb: int | None = None, prefill_chunk_tokens: int | None = None,
-) -> Engine:
+def create_engine(chat_model: ChatModel, settings: Settings | None = None, max_workers: int = 4,
+                  **overrides: Any) -> Engine:
     """The batching engine for a local model that can batch, the threaded one otherwise.
 
-    ``prefix_cache_mb`` / ``prefill_chunk_tokens`` left as None come from the settings
-    (``DHLLM_PREFIX_CACHE_MB``, ``DHLLM_PREFILL_CHUNK_TOKENS``).
+    Limits come from ``settings`` (default: ``get_settings()``, i.e. the ``DHLLM_*``
+    environment); ``overrides`` replace single fields (``max_batch_size=8``).
     """
     if isinstance(chat_model, TokenBatchable) and chat_model.can_batch:
-        if prefix_cache_mb is None or prefill_chunk_tokens is None:
-            from helpers.config import get_settings
-
-            settings = get_settings()
-            prefix_cache_mb = _default(prefix_cache_mb, settings.prefix_cache_mb)
-            prefill_chunk_tokens = _default(prefill_chunk_tokens, settings.prefill_chunk_tokens)
-        return BatchingEngine(chat_model, max_batch_size=max_batch_size, max_queue=max_queue,
-                              prefix_cache_mb=prefix_cache_mb,
-                              prefill_chunk_tokens=prefill_chunk_tokens)
+        return BatchingEngine(chat_model, settings, **overrides)
+    settings = (settings or get_settings()).model_copy(update=overrides)
     if isinstance(chat_model, TokenBatchable):
         max_workers = 1  # one local model, one generate at a time (it holds a lock anyway)
-    return ThreadedEngine(chat_model, max_workers=max_workers, max_queue=max_queue)
-
-
-def _default(value: int | None, fallback: int) -> int:
-    return fallback if value is None else value
+    return ThreadedEngine(chat_model, max_workers=max_workers, max_queue=settings.max_queue)

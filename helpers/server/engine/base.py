@@ -146,6 +146,7 @@ class EngineStats:
     cache_bytes: int = 0  # bytes held now
     cache_blocks: int = 0  # blocks held now
     cache_evictions: int = 0  # blocks evicted to stay within the budget
+    store_errors: int = 0  # block stores that failed (those blocks are lost, no reply is)
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict (``/health`` shows it)."""

@@ -1,9 +1,10 @@
 """``BatchingEngine``: continuous batching over a shared KV cache, prefix reuse, chunked prefill.
 
-ONE worker thread loops: a decode step for the running rows (one token each), then one chunk of
-the newcomers' prefill (starting after their cached prefix), then the new pieces go out and
-finished or cancelled rows leave. A prefill group joins the running batch once its last chunk
-is done. Each row keeps its own sampling parameters, stop strings and token budget.
+Composed as vLLM's v1 engine core is: each step the ``Scheduler`` returns a ``StepPlan``
+(admit newcomers, decode, then join / store / prefill), the ``KVManager`` holds every KV tensor
+and the prefix cache, and the ``ModelRunner`` runs the model. ONE worker thread carries the plans
+out. Each stage takes the rows it works on from the KV manager's named state, and when a stage
+fails (out of memory, say) exactly those rows end with the error; the others go on.
 
 Written by hand because no installed library does this on CPU: model.generate() runs one static
 batch to the end (late arrivals wait for the slowest row), and transformers' own continuous
@@ -14,59 +15,65 @@ model.device). Depends on the ``TokenBatchable`` capability only, never on a con
 
 from __future__ import annotations
 
-import inspect
+import logging
 import threading
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from helpers.chat import GenerationParams, Message, TokenBatchable
-from helpers.config import DEFAULT_PREFILL_CHUNK_TOKENS, DEFAULT_PREFIX_CACHE_MB
-from helpers.server.engine.admission import Admission, Pending
-from helpers.server.engine.base import Engine, EngineStoppedError, Finish, QueueFullError, Stream
-from helpers.server.engine.kv import keep_rows, kv_tensors
-from helpers.server.engine.prefill import PrefillGroup
+from helpers.config import Settings, get_settings
+from helpers.server.engine.base import Engine, EngineStoppedError, Finish, Stream
+from helpers.server.engine.kv import kv_bytes_per_token
+from helpers.server.engine.kv_manager import KVManager
 from helpers.server.engine.prefix_cache import PrefixCache, reusable
 from helpers.server.engine.rows import Row
-from helpers.server.engine.sampling import pick_tokens
+from helpers.server.engine.runner import ModelRunner
+from helpers.server.engine.scheduler import Request, Scheduler, StepPlan
+
+log = logging.getLogger(__name__)
 
 
-class BatchingEngine(Admission, Engine):
-    """One worker thread; requests join the running batch between decode steps."""
+class BatchingEngine(Engine):
+    """One worker thread; requests join the running batch between decode steps.
+
+    Limits come from ``settings`` (``helpers.config.Settings``: ``max_batch_size``,
+    ``kv_cache_mb``, ``prefix_cache_mb``, ``prefill_chunk_tokens``, ``max_queue``); keyword
+    ``overrides`` replace single fields, e.g. ``BatchingEngine(chat, max_batch_size=8)``.
+    """
 
     kind = "continuous-batching"
 
-    def __init__(self, chat_model: TokenBatchable, max_batch_size: int = 16, max_queue: int = 64,
-                 prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB,
-                 prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS) -> None:
+    def __init__(self, chat_model: TokenBatchable, settings: Settings | None = None,
+                 **overrides: Any) -> None:
         if not chat_model.can_batch:
             raise ValueError("this model cannot batch (remote model.chat); use ThreadedEngine")
-        super().__init__(chat_model, max_queue)  # type: ignore[arg-type]
+        unknown = set(overrides) - set(Settings.model_fields)
+        if unknown:
+            raise TypeError(f"not a setting: {', '.join(sorted(unknown))}")
+        settings = (settings or get_settings()).model_copy(update=overrides)
+        super().__init__(chat_model, settings.max_queue)  # type: ignore[arg-type]
         self.batchable = chat_model
-        self.model, self.tokenizer = chat_model.model, chat_model.tokenizer
-        self.max_batch_size = max_batch_size
-        self.chunk_tokens = max(1, prefill_chunk_tokens)
+        model, self.tokenizer = chat_model.model, chat_model.tokenizer
         self.eos = chat_model.eos_token_ids()
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (min(self.eos) if self.eos else 0)
-        self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
-        self.prefix_cache = (PrefixCache(prefix_cache_mb * 2**20)
-                             if prefix_cache_mb > 0 and reusable(self.model.config) else None)
-        self._pending: deque[Pending] = deque()
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self.kv_budget_tokens = int(settings.kv_cache_mb * 2**20
+                                    // kv_bytes_per_token(model.config, model.dtype))
+        self.scheduler = Scheduler(settings.max_batch_size, self.kv_budget_tokens,
+                                   settings.prefill_chunk_tokens, settings.max_queue)
+        prefix_cache = (PrefixCache(int(settings.prefix_cache_mb * 2**20))
+                        if settings.prefix_cache_mb > 0 and reusable(model.config) else None)
+        self.kv = KVManager(prefix_cache, self._count)
+        self.runner = ModelRunner(model)
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._rows: list[Row] = []
-        self._cache: Any = None
-        self._mask: Any = None  # [batch, cache length] of the running rows
-        self._group: PrefillGroup | None = None
-        self._group_rows: list[Row] = []
-        self._ready: tuple[list[Row], Any, Any] | None = None  # prefilled, waiting to join
-        self._to_store: list[tuple[Row, list[tuple[Any, Any]], Any, int, int]] = []  # joined, blocks not yet kept
-        forward_params = inspect.signature(self.model.forward).parameters
-        self._keep_logits = "logits_to_keep" in forward_params
-        # transformers 5 renamed forward's past_key_values to cache; Colab may have either.
-        self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The prefix (KV) cache, None when off."""
+        return self.kv.prefix_cache
 
     # Public side (any thread).
 
@@ -106,142 +113,148 @@ class BatchingEngine(Admission, Engine):
         with self._wake:
             if self._thread is None or self._stopping:
                 raise EngineStoppedError("the engine is not running")
-            if len(self._pending) >= self.max_queue:
+            try:
+                self.scheduler.add(Request(stream, list(prompt_ids), params))
+            except Exception:
                 self.stats.rejected += 1
-                raise QueueFullError(
-                    f"{len(self._pending)} requests are waiting for the model; try again soon",
-                    retry_after=1.0,
-                )
-            self._pending.append((stream, list(prompt_ids), params))
+                raise
             self.stats.submitted += 1
-            self.stats.waiting = len(self._pending)
+            self.stats.waiting = len(self.scheduler.waiting)
             self._wake.notify()
         return stream
 
-    # Worker thread: the loop.
+    # Worker thread: the loop carries out one plan per step.
 
     def _loop(self) -> None:
         import torch
 
         with torch.inference_mode():
-            while (joining := self._next_work()) is not None:
-                if joining:
-                    self._start_group(joining)
-                if self._rows:  # running streams first: their pieces go out before the rest
-                    self._guarded(self._decode_step, self._take_rows)
-                # A prefilled group joins in an iteration of its own, after a decode step: the
-                # join copies the whole batch's KV, and doing it right after the last chunk
-                # would add both to one pause of the running streams.
-                if self._ready is not None:
-                    self._guarded(self._join_ready, lambda: self._take_ready()[0])
-                elif self._to_store:  # copying a long prompt's blocks is a stage of its own too
-                    self._guarded(self._store_prompts, list)
-                elif self._group is not None:
-                    self._guarded(self._prefill_chunk, self._take_group)
+            while (plan := self._next_plan()) is not None:
+                self._step(plan)
             self._shut_down()
 
-    def _next_work(self) -> list[Pending] | None:
-        """Wait for work; the newcomers to prefill next ([] if none or a group is running)."""
+    def _next_plan(self) -> StepPlan | None:
+        """Wait for work, then ask the scheduler for the next step (None: stop)."""
         with self._wake:
-            while not (self._stopping or self._pending or self._rows or self._group
-                       or self._ready or self._to_store):
+            while not (self._stopping or self.scheduler.waiting or self.kv.busy()):
                 self._wake.wait()
             if self._stopping:
                 return None
-            if self._group is not None:
-                return []  # newcomers wait: one prefill group at a time
-            room = self.max_batch_size - len(self._rows) - len(self._ready[0] if self._ready else [])
-            joining = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
-            self.stats.waiting = len(self._pending)
-            return joining
+            plan = self.scheduler.plan(self.kv.load())
+            self.stats.waiting = len(self.scheduler.waiting)
+            return plan
 
-    def _guarded(self, work: Callable[[], None], lose: Callable[[], list[Row]]) -> None:
-        """Run one stage and send the new pieces; on failure fail only the rows ``lose`` takes."""
+    def _step(self, plan: StepPlan) -> None:
+        """Admit, decode (running streams first), then the one other stage of this step."""
+        if plan.admit:
+            self._admit(plan.admit)
+        if plan.decode:
+            self._stage(lambda: self.runner.decode(self.kv.running), self.kv.take_running)
+            with self._lock:
+                self.stats.decode_steps += 1
+                self.stats.decode_steps_during_prefill += self.kv.prefilling is not None
+        # A prefilled group joins in a step of its own, after a decode step: the join copies
+        # the whole batch's KV, and doing it right after the last chunk would add both to one
+        # pause of the running streams. Storing a long prompt's blocks is a stage of its own too.
+        if plan.stage == "join":
+            prefilled = self.kv.take_prefilled()
+            for r in prefilled.rows:
+                if r.finish_reason is not None:  # one token was all it needed
+                    self._finish(r)
+            self._stage(lambda: self.kv.join(prefilled), lambda: [
+                r for r in prefilled.rows if r.finish_reason is None])
+        elif plan.stage == "store":
+            for blocks in self.kv.take_blocks():
+                self.kv.store(blocks)
+        elif plan.stage == "prefill":
+            self._stage(lambda: self._prefill_chunk(plan.prefill_tokens), self.kv.take_prefilling)
+        self._update_gauges()
+
+    def _stage(self, work: Callable[[], None], lose: Callable[[], list[Row]]) -> None:
+        """Run one stage, then send the new pieces; on failure fail the rows ``lose`` takes."""
         try:
             work()
-            self._emit_and_prune()
         except Exception as exc:  # e.g. out of memory; the loop lives on for the next requests
+            log.exception("an engine stage failed; its rows end with the error")
             self._fail(lose(), exc)
+        self._emit_and_prune()
 
-    def _take_rows(self) -> list[Row]:
-        rows, self._rows, self._cache, self._mask = self._rows, [], None, None
-        return rows
+    def _admit(self, requests: list[Request]) -> None:
+        """Turn live newcomers into rows and open their prefill group (prefix lookup first)."""
+        rows = []
+        for req in requests:
+            if req.stream.cancelled.is_set():  # gone while waiting: spend no prefill on it
+                self._count("cancelled")
+                req.stream.close(Finish("cancelled", len(req.prompt_ids)))
+                continue
+            try:
+                rows.append(Row.new(req.stream, req.prompt_ids, req.params, self.batchable,
+                                    self.runner.device))
+            except Exception as exc:  # this request only
+                self._count("errors")
+                req.stream.close(Finish("error", len(req.prompt_ids), error=exc))
+        if rows:
+            self._stage(lambda: self.kv.open_group(rows, self.pad_id, self.runner.device),
+                        lambda: rows)
 
-    def _take_group(self) -> list[Row]:
-        rows, self._group, self._group_rows = self._group_rows, None, []
-        return rows
-
-    def _take_ready(self) -> tuple[list[Row], Any, Any]:
-        ready, self._ready = self._ready, None
-        return ready if ready is not None else ([], None, None)
-
-    def _shut_down(self) -> None:
-        error = EngineStoppedError("the server is shutting down")
-        self._fail(self._take_rows() + self._take_group() + self._take_ready()[0], error)
-        with self._wake:
-            for stream, prompt_ids, _ in self._pending:
-                stream.close(Finish("error", len(prompt_ids), error=error))
-            self._pending.clear()
-
-    def _forward(self, input_ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
-        kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._keep_logits else {}
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         use_cache=True, **{self._cache_kwarg: cache}, **kwargs)
-        return out.logits[:, -1, :].float()
-
-    # Decode.
-
-    def _decode_step(self) -> None:
-        """One token for every running row."""
-        import torch
-
-        device = self.model.device
-        input_ids = torch.tensor([[r.next_token] for r in self._rows], device=device)
-        positions = torch.tensor([[r.position] for r in self._rows], device=device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
-        logits = self._forward(input_ids, self._mask, positions, self._cache)
-        for r in self._rows:
-            r.position += 1
-        self._pick(self._rows, logits)
-        with self._lock:
-            self.stats.decode_steps += 1
-            self.stats.decode_steps_during_prefill += self._group is not None
-
-    def _pick(self, rows: list[Row], logits: Any) -> None:
-        import torch
-
-        tokens = pick_tokens(logits, [r.params for r in rows], [r.generator for r in rows],
-                             [r.seen for r in rows])
-        for r, token, t in zip(rows, tokens.tolist(), tokens, strict=True):
-            r.next_token, r.fresh = token, True
-            r.tokens.append(token)
-            if r.params.repetition_penalty != 1.0:
-                r.seen = torch.cat([r.seen, t.view(1)])
+    def _prefill_chunk(self, budget: int) -> None:
+        """One chunk of the group's prefill; after the last, the first tokens go out."""
+        for r in self.kv.drop_cancelled():  # their partial KV is never stored
+            r.finish_reason = "cancelled"
+            self._finish(r)
+        prefilling = self.kv.prefilling
+        if prefilling is None:
+            return
+        done = self.runner.prefill_chunk(prefilling, budget)
+        self._count("prefill_chunks")
+        if not done:
+            return
+        for r in prefilling.rows:
+            r.emit(self.eos)  # the first token goes out now; joining the batch comes next
+        self._count("prefills")
+        self._count("prompt_tokens", sum(len(r.prompt_ids) for r in prefilling.rows))
+        self.kv.finish_prefill()
 
     def _emit_and_prune(self) -> None:
-        """Send each row's new text; drop finished and cancelled rows from the batch."""
-        keep = []
-        for i, r in enumerate(self._rows):
-            r.emit(self.eos)
+        """Send each running row's new text; drop finished, cancelled and failed rows."""
+        rows, keep = self.kv.running.rows, []
+        for i, r in enumerate(rows):
+            try:
+                r.emit(self.eos)
+            except Exception as exc:  # e.g. a tokenizer that cannot decode: this row only
+                self._fail([r], exc)
+                continue
             if r.finish_reason is None:
                 keep.append(i)
             else:
-                self._remember(r, kv_tensors(self._cache), self._mask[i], i, r.position)
+                if self.prefix_cache is not None:
+                    self.kv.store(self.kv.finished_blocks(i))
+                    self._update_gauges()  # before the client hears the end
                 self._finish(r)
         with self._lock:
-            self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._rows))
-            self.stats.running = len(keep)
-            self.stats.prefilling = len(self._group_rows) + len(self._ready[0] if self._ready else [])
-        if len(keep) < len(self._rows):
-            self._prune(keep)
+            self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
+        if len(keep) < len(rows):
+            try:
+                self.kv.keep(keep)
+            except Exception as exc:
+                self._fail(self.kv.take_running(), exc)
 
-    def _prune(self, keep: list[int]) -> None:
-        """Keep only these rows of the running batch."""
-        if not keep:
-            self._rows, self._cache, self._mask = [], None, None
-            return
-        self._rows = [self._rows[i] for i in keep]
-        self._mask = keep_rows(self._cache, self._mask, keep)
+    def _shut_down(self) -> None:
+        error = EngineStoppedError("the server is shutting down")
+        self._fail(self.kv.take_running() + self.kv.take_prefilling()
+                   + self.kv.take_prefilled().rows, error)
+        with self._wake:
+            for req in self.scheduler.drain():
+                req.stream.close(Finish("error", len(req.prompt_ids), error=error))
+
+    def _update_gauges(self) -> None:
+        cache = self.prefix_cache
+        with self._lock:
+            self.stats.running = len(self.kv.running.rows)
+            self.stats.prefilling = self.kv.rows_prefilling()
+            if cache is not None:
+                self.stats.cache_bytes, self.stats.cache_blocks = cache.bytes, len(cache)
+                self.stats.cache_evictions = cache.evictions
 
     def _finish(self, r: Row) -> None:
         with self._lock:
@@ -254,10 +267,8 @@ class BatchingEngine(Admission, Engine):
                               cached_tokens=r.cached))
 
     def _fail(self, rows: list[Row], exc: BaseException) -> None:
-        with self._lock:
-            self.stats.errors += len(rows)
-            self.stats.running = len(self._rows)
-            self.stats.prefilling = len(self._group_rows) + len(self._ready[0] if self._ready else [])
+        self._count("errors", len(rows))
         for r in rows:
+            r.finish_reason = "error"
             r.stream.close(Finish("error", len(r.prompt_ids), len(r.tokens), error=exc,
                                   cached_tokens=r.cached))

@@ -72,3 +72,13 @@ def row_kv(kv: list[tuple[Any, Any]], mask_row: Any, row: int, start: int, end: 
             else:
                 out[n, k].copy_(part.index_select(1, columns))
     return out
+
+
+def kv_bytes_per_token(config: Any, dtype: Any) -> int:
+    """Bytes of keys and values one token takes in every layer, e.g. 45 KiB for SmolLM2-135M."""
+    import torch
+
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return config.num_hidden_layers * 2 * heads * head_dim * itemsize

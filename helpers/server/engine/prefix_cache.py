@@ -84,13 +84,14 @@ class PrefixCache:
             return 0
         size, first = self.block_tokens, missing[0]
         span = row_kv(first * size, len(keys) * size)
-        added = 0
+        added, chain = 0, set(keys)
         for b in missing:
             kv = span[:, :, :, (b - first) * size:(b - first + 1) * size].clone()
             nbytes = kv.numel() * kv.element_size()
-            if nbytes > self.budget_bytes:
+            # Never evict this chain's own blocks to make room for its later ones: a chain
+            # cut at the root is never found again, while its head alone still saves work.
+            if not self._evict_for(nbytes, chain):
                 break
-            self._evict_for(nbytes)
             self._blocks[keys[b]] = _Block(kv, nbytes)
             self.bytes += nbytes
             added += 1
@@ -109,11 +110,15 @@ class PrefixCache:
             if key in self._blocks:
                 self._blocks.move_to_end(key)
 
-    def _evict_for(self, nbytes: int) -> None:
-        while self._blocks and self.bytes + nbytes > self.budget_bytes:
-            _, block = self._blocks.popitem(last=False)
-            self.bytes -= block.nbytes
+    def _evict_for(self, nbytes: int, keep: set[bytes]) -> bool:
+        """Evict least recently used blocks, none in ``keep``, until ``nbytes`` fit; False if not."""
+        while self.bytes + nbytes > self.budget_bytes:
+            oldest = next(iter(self._blocks), None)
+            if oldest is None or oldest in keep:  # ``keep`` was touched last: it sits at the end
+                return False
+            self.bytes -= self._blocks.pop(oldest).nbytes
             self.evictions += 1
+        return True
 
 
 def reusable(config: Any) -> bool:

@@ -27,6 +27,11 @@ class Row:
     fresh: bool = False  # next_token is picked but not yet emitted
     finish_reason: str | None = None
 
+    @property
+    def kv_tokens(self) -> int:
+        """The most tokens its KV can hold: the prompt and every token it may generate."""
+        return len(self.prompt_ids) + self.params.max_new_tokens
+
     @classmethod
     def new(cls, stream: Stream, ids: list[int], params: GenerationParams,
             model: TokenBatchable, device: Any) -> Row:

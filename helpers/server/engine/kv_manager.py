@@ -1,0 +1,202 @@
+"""The KV manager: the running batch's cache and mask, the prefill group, the prefix cache.
+
+State lives on named types: the decode batch (``RunningBatch``), the group being prefilled
+(``Prefilling``), a prefilled group waiting to join (``Prefilled``) and prompt blocks waiting
+to go into the prefix cache (``BlocksToStore``). Each ``take_*`` method removes one of them
+and returns its rows: the engine fails exactly those when the stage that holds them fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from helpers.server.engine.kv import keep_rows, kv_tensors, merge_rows, row_kv
+from helpers.server.engine.prefill import PrefillGroup
+from helpers.server.engine.prefix_cache import PrefixCache
+from helpers.server.engine.rows import Row
+from helpers.server.engine.scheduler import BatchLoad
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningBatch:
+    """The rows that decode together: their KV cache and the 2-D mask that aligns them."""
+
+    rows: list[Row] = field(default_factory=list)
+    cache: Any = None
+    mask: Any = None  # [rows, cache length]
+
+
+@dataclass
+class Prefilling:
+    """Newcomers being prefilled together, chunk by chunk."""
+
+    rows: list[Row]
+    group: PrefillGroup
+
+
+@dataclass
+class Prefilled:
+    """A group whose prompts are done (first token picked): it joins the batch next."""
+
+    rows: list[Row]
+    cache: Any
+    mask: Any
+
+
+@dataclass
+class BlocksToStore:
+    """The first ``length`` tokens of one row, whose KV sits in row ``index`` of ``kv``."""
+
+    row: Row
+    kv: list[tuple[Any, Any]]  # each layer's (keys, values): a snapshot, never changed in place
+    mask_row: Any
+    index: int
+    length: int
+
+
+class KVManager:
+    """Owns every KV tensor of the engine; the worker thread is its only caller."""
+
+    def __init__(self, prefix_cache: PrefixCache | None,
+                 count: Callable[[str, int], None]) -> None:
+        self.prefix_cache = prefix_cache
+        self._count = count  # the engine's counters
+        self.running = RunningBatch()
+        self.prefilling: Prefilling | None = None
+        self.prefilled: Prefilled | None = None
+        self.to_store: list[BlocksToStore] = []
+
+    def busy(self) -> bool:
+        """True while any row or block needs the worker."""
+        return bool(self.running.rows or self.prefilling or self.prefilled or self.to_store)
+
+    def load(self) -> BatchLoad:
+        """The scheduler's view: rows, reserved KV tokens, stages pending."""
+        held = [*self.running.rows, *(self.prefilled.rows if self.prefilled else []),
+                *(self.prefilling.rows if self.prefilling else [])]
+        return BatchLoad(running=len(self.running.rows),
+                         prefilled=len(self.prefilled.rows) if self.prefilled else 0,
+                         kv_tokens=sum(r.kv_tokens for r in held),
+                         prefill_rows=len(self.prefilling.rows) if self.prefilling else 0,
+                         storing=bool(self.to_store))
+
+    def rows_prefilling(self) -> int:
+        """Rows admitted whose prompts are not in the decode batch yet."""
+        return ((len(self.prefilling.rows) if self.prefilling else 0)
+                + (len(self.prefilled.rows) if self.prefilled else 0))
+
+    # Taking state out: on failure, on shut-down, or to run a stage on it.
+
+    def take_running(self) -> list[Row]:
+        """Empty the decode batch; its rows."""
+        rows, self.running = self.running.rows, RunningBatch()
+        return rows
+
+    def take_prefilling(self) -> list[Row]:
+        """Drop the prefill group; its rows."""
+        rows, self.prefilling = (self.prefilling.rows if self.prefilling else []), None
+        return rows
+
+    def take_prefilled(self) -> Prefilled:
+        """The prefilled group (empty if none), no longer held here."""
+        prefilled, self.prefilled = self.prefilled or Prefilled([], None, None), None
+        return prefilled
+
+    # Admission and prefill.
+
+    def open_group(self, rows: list[Row], pad_id: int, device: Any) -> None:
+        """Look up each row's cached prefix and start their prefill group."""
+        cached = [self._lookup(r) for r in rows]
+        group = PrefillGroup([r.prompt_ids for r in rows], cached, pad_id, device)
+        self.prefilling = Prefilling(rows, group)
+
+    def _lookup(self, row: Row) -> tuple[int, Any]:
+        if self.prefix_cache is None:
+            return 0, None
+        row.cached, kv = self.prefix_cache.lookup(row.prompt_ids)
+        if row.cached:
+            self._count("cache_hits", 1)
+            self._count("cached_tokens", row.cached)
+        return row.cached, kv
+
+    def drop_cancelled(self) -> list[Row]:
+        """Rows of the prefill group whose clients left, taken out of it (their KV is never kept)."""
+        prefilling = self.prefilling
+        if prefilling is None:
+            return []
+        keep = [i for i, r in enumerate(prefilling.rows) if not r.stream.cancelled.is_set()]
+        gone = [r for i, r in enumerate(prefilling.rows) if i not in keep]
+        if not keep:
+            self.prefilling = None
+        elif gone:
+            prefilling.group.select(keep)
+            prefilling.rows = [prefilling.rows[i] for i in keep]
+        return gone
+
+    def finish_prefill(self) -> None:
+        """The group's prompts are done: it waits to join the batch."""
+        assert self.prefilling is not None
+        rows, group = self.prefilling.rows, self.prefilling.group
+        self.prefilled, self.prefilling = Prefilled(rows, group.cache, group.mask), None
+
+    # Joining and leaving the decode batch.
+
+    def join(self, prefilled: Prefilled) -> None:
+        """Rows still going join the decode batch; then every prompt's blocks wait to be stored."""
+        rows, cache, mask = prefilled.rows, prefilled.cache, prefilled.mask
+        # A snapshot first: keep_rows swaps the layers' tensors, it never changes them in place.
+        blocks = ([BlocksToStore(r, kv_tensors(cache), mask[i], i, len(r.prompt_ids))
+                   for i, r in enumerate(rows)] if self.prefix_cache is not None else [])
+        keep = [i for i, r in enumerate(rows) if r.finish_reason is None]
+        if keep and len(keep) < len(rows):
+            mask = keep_rows(cache, mask, keep)
+        joining = [rows[i] for i in keep]
+        if joining and not self.running.rows:
+            self.running = RunningBatch(joining, cache, mask)
+        elif joining:  # builds new tensors: if it fails, the running batch is untouched
+            new_cache, new_mask = merge_rows(self.running.cache, self.running.mask, cache, mask)
+            self.running = RunningBatch(self.running.rows + joining, new_cache, new_mask)
+        self.to_store += blocks
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep only these rows of the decode batch."""
+        batch = self.running
+        if not keep:
+            self.running = RunningBatch()
+            return
+        mask = keep_rows(batch.cache, batch.mask, keep)
+        self.running = RunningBatch([batch.rows[i] for i in keep], batch.cache, mask)
+
+    # The prefix cache.
+
+    def take_blocks(self) -> list[BlocksToStore]:
+        """The prompt blocks waiting to be stored, no longer held here."""
+        blocks, self.to_store = self.to_store, []
+        return blocks
+
+    def finished_blocks(self, index: int) -> BlocksToStore:
+        """Row ``index`` of the decode batch, prompt and reply, as blocks to store."""
+        r = self.running.rows[index]
+        return BlocksToStore(r, kv_tensors(self.running.cache), self.running.mask[index], index,
+                             r.position)
+
+    def store(self, blocks: BlocksToStore) -> None:
+        """Keep the full blocks of one row's first ``length`` tokens (KV already computed).
+
+        A failure costs only those blocks, never a stream: the prefix cache is an optimisation.
+        """
+        if self.prefix_cache is None:
+            return
+        r = blocks.row
+        ids = (r.prompt_ids + r.tokens)[:blocks.length]
+        try:
+            self.prefix_cache.store(ids, lambda a, b: row_kv(blocks.kv, blocks.mask_row,
+                                                             blocks.index, a, b))
+        except Exception:
+            log.exception("storing blocks in the prefix cache failed; the replies go on")
+            self._count("store_errors", 1)

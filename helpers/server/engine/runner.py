@@ -1,0 +1,75 @@
+"""The model runner: forward passes and token picking, nothing else (vLLM's ``ModelRunner``).
+
+It holds no batch state: the KV manager hands it a batch or a prefill group, it runs the model
+on it and writes each row's next token.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from helpers.server.engine.kv_manager import Prefilling, RunningBatch
+from helpers.server.engine.rows import Row
+from helpers.server.engine.sampling import pick_tokens
+
+
+class ModelRunner:
+    """Runs one causal LM on the tensors the KV manager keeps."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        forward_params = inspect.signature(model.forward).parameters
+        self._keep_logits = "logits_to_keep" in forward_params
+        # transformers 5 renamed forward's past_key_values to cache; Colab may have either.
+        self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
+
+    @property
+    def device(self) -> Any:
+        """Where the model's tensors live."""
+        return self.model.device
+
+    def forward(self, input_ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
+        """The last column's next-token logits (float32); ``cache`` grows by the new columns."""
+        kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._keep_logits else {}
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         use_cache=True, **{self._cache_kwarg: cache}, **kwargs)
+        return out.logits[:, -1, :].float()
+
+    def decode(self, batch: RunningBatch) -> None:
+        """One token for every row of the batch."""
+        import torch
+
+        rows = batch.rows
+        input_ids = torch.tensor([[r.next_token] for r in rows], device=self.device)
+        positions = torch.tensor([[r.position] for r in rows], device=self.device)
+        mask = torch.cat([batch.mask, batch.mask.new_ones((len(rows), 1))], dim=1)
+        logits = self.forward(input_ids, mask, positions, batch.cache)
+        batch.mask = mask
+        for r in rows:
+            r.position += 1
+        self.pick(rows, logits)
+
+    def prefill_chunk(self, prefilling: Prefilling, budget: int) -> bool:
+        """One chunk of the group's prompts (``budget`` tokens, 0: all); True once they are done.
+
+        When done, every row's first token is picked.
+        """
+        group = prefilling.group
+        logits = group.step(self.forward, budget or group.rows * group.width)
+        if logits is None:
+            return False
+        self.pick(prefilling.rows, logits)
+        return True
+
+    def pick(self, rows: list[Row], logits: Any) -> None:
+        """Each row's next token from its logits, by its own sampling parameters."""
+        import torch
+
+        tokens = pick_tokens(logits, [r.params for r in rows], [r.generator for r in rows],
+                             [r.seen for r in rows])
+        for r, token, t in zip(rows, tokens.tolist(), tokens, strict=True):
+            r.next_token, r.fresh = token, True
+            r.tokens.append(token)
+            if r.params.repetition_penalty != 1.0:
+                r.seen = torch.cat([r.seen, t.view(1)])

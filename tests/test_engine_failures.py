@@ -1,0 +1,194 @@
+"""No request is ever lost: a failure in one stage ends exactly the streams that stage holds.
+
+Each test makes one stage raise once (as an out-of-memory KV copy would), then checks that the
+streams that stage held end with the error, the others finish with their solo text, and the
+engine serves the next request.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from helpers.chat import GenerationParams, TransformersChat
+from helpers.server.engine import BatchingEngine, Stream
+from helpers.server.engine import kv_manager as kv_manager_module
+from helpers.server.engine.prefill import PrefillGroup
+from helpers.server.engine.prefix_cache import PrefixCache
+
+GREEDY = GenerationParams(max_new_tokens=12, temperature=0, repetition_penalty=1.3)
+RUNNER = GenerationParams(max_new_tokens=200, temperature=0, repetition_penalty=1.3)
+LONG_PROMPT = "Tell me everything about the sea and the sky. " * 12
+
+
+class Boom(RuntimeError):
+    """The injected failure."""
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def raise_once(real: Callable[..., Any]) -> Callable[..., Any]:
+    """``real``, except that its first call raises ``Boom``."""
+    calls = []
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise Boom("injected failure")
+        return real(*args, **kwargs)
+
+    wrapper.calls = calls  # type: ignore[attr-defined]
+    return wrapper
+
+
+def collect(stream: Stream, timeout: float = 300.0) -> tuple[str, BaseException | None]:
+    """The stream's text and its error; fails the test if the stream never closes."""
+    out: dict[str, Any] = {"text": [], "error": None}
+
+    def read() -> None:
+        try:
+            for piece in stream:
+                out["text"].append(piece)
+        except Exception as exc:
+            out["error"] = exc
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert not reader.is_alive(), "the stream never closed: the request was lost"
+    return "".join(out["text"]), out["error"]
+
+
+@pytest.fixture
+def engine(tiny_chat: TransformersChat) -> Iterator[BatchingEngine]:
+    eng = BatchingEngine(tiny_chat, max_batch_size=8, max_queue=8, prefill_chunk_tokens=8)
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+@pytest.fixture
+def solo(engine: BatchingEngine) -> dict[str, str]:
+    """Each request's text when it runs alone (greedy: the reference)."""
+    return {"runner": collect(engine.submit(user("Go on."), RUNNER))[0],
+            "newcomer": collect(engine.submit(user(LONG_PROMPT), GREEDY))[0]}
+
+
+@dataclass
+class Running:
+    """A runner mid-flight: its stream, its reader (kept: a dropped reader cancels) and head."""
+
+    stream: Stream
+    pieces: Iterator[str]
+    head: str
+
+    def rest(self) -> str:
+        """The whole text, read to the end; it must end without an error."""
+        text = self.head + "".join(self.pieces)
+        assert self.stream.finish is not None and self.stream.finish.error is None
+        return text
+
+
+def running(engine: BatchingEngine) -> Running:
+    """A runner mid-flight, one piece read.
+
+    The tiny model decodes 200 tokens in a fraction of a second: each step is slowed by 10 ms
+    so that the runner is still running when the newcomer arrives, however busy the machine.
+    """
+    decode = engine.runner.decode
+
+    def slow_decode(batch: Any) -> None:
+        time.sleep(0.01)
+        decode(batch)
+
+    engine.runner.decode = slow_decode  # type: ignore[method-assign]
+    stream = engine.submit(user("Go on."), RUNNER)
+    pieces = iter(stream)
+    return Running(stream, pieces, next(pieces))
+
+
+def serves_next(engine: BatchingEngine, solo: dict[str, str]) -> None:
+    text, error = collect(engine.submit(user(LONG_PROMPT), GREEDY))
+    assert error is None and text == solo["newcomer"]
+
+
+def test_a_failed_join_ends_the_joining_streams_only(engine, solo, monkeypatch):
+    merge = raise_once(kv_manager_module.merge_rows)
+    monkeypatch.setattr(kv_manager_module, "merge_rows", merge)
+    runner = running(engine)
+    newcomer = engine.submit(user(LONG_PROMPT), GREEDY)
+    _, error = collect(newcomer)
+    assert isinstance(error, Boom) and newcomer.finish.reason == "error"
+    assert runner.rest() == solo["runner"]
+    assert merge.calls and engine.stats.errors == 1
+    serves_next(engine, solo)
+
+
+def test_a_failed_prefill_chunk_ends_the_group_only(engine, solo, monkeypatch):
+    runner = running(engine)  # its own prefill is done: its first piece is out
+    monkeypatch.setattr(PrefillGroup, "step", raise_once(PrefillGroup.step))
+    newcomer = engine.submit(user(LONG_PROMPT + " Again."), GREEDY)
+    _, error = collect(newcomer)
+    assert isinstance(error, Boom) and newcomer.finish.reason == "error"
+    assert runner.rest() == solo["runner"]
+    assert engine.stats.errors == 1
+    serves_next(engine, solo)
+
+
+def test_a_failed_decode_step_ends_the_running_rows_only(tiny_chat, monkeypatch):
+    engine = BatchingEngine(tiny_chat, max_batch_size=1, max_queue=8)  # the second one waits
+    engine.start()
+    try:
+        alone = collect(engine.submit(user(LONG_PROMPT), GREEDY))[0]
+        queued, failed, real = threading.Event(), [], engine.runner.decode
+
+        def decode_failing_once(batch: Any) -> None:
+            if not failed:  # the runner's first decode step, once the second request waits
+                queued.wait(30)
+                failed.append(1)
+                raise Boom("injected failure")
+            real(batch)
+
+        monkeypatch.setattr(engine.runner, "decode", decode_failing_once)
+        runner = engine.submit(user("Go on."), RUNNER)
+        waiting = engine.submit(user(LONG_PROMPT), GREEDY)
+        queued.set()
+        _, error = collect(runner)
+        assert isinstance(error, Boom) and runner.finish.reason == "error"
+        assert collect(waiting) == (alone, None)
+        assert engine.stats.errors == 1
+        assert collect(engine.submit(user(LONG_PROMPT), GREEDY)) == (alone, None)
+    finally:
+        engine.stop()
+
+
+def test_a_failed_lookup_ends_the_newcomers_only(engine, solo, monkeypatch):
+    runner = running(engine)
+    monkeypatch.setattr(PrefixCache, "lookup", raise_once(PrefixCache.lookup))
+    newcomer = engine.submit(user(LONG_PROMPT + " Once more."), GREEDY)
+    _, error = collect(newcomer)
+    assert isinstance(error, Boom) and newcomer.finish.reason == "error"
+    assert runner.rest() == solo["runner"]
+    assert engine.stats.errors == 1
+    serves_next(engine, solo)
+
+
+def test_a_failed_block_store_costs_blocks_never_a_reply(engine, solo, monkeypatch):
+    # Storing blocks holds no stream (the rows already run): the prefix cache is an
+    # optimisation, so every reply completes, and the failure is counted.
+    store = raise_once(PrefixCache.store)
+    monkeypatch.setattr(PrefixCache, "store", store)
+    runner = running(engine)
+    newcomer = engine.submit(user(LONG_PROMPT), GREEDY)
+    assert collect(newcomer) == (solo["newcomer"], None)
+    assert runner.rest() == solo["runner"]
+    assert len(store.calls) > 1 and engine.stats.store_errors == 1
+    assert engine.stats.errors == 0
+    serves_next(engine, solo)

@@ -1,0 +1,238 @@
+"""The batching engine's parts, one by one: prefix cache, KV helpers, sampling, prefill, scheduler.
+
+References are built by hand (plain loops, one row at a time), never by the code under test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from helpers.chat import GenerationParams
+from helpers.server.engine.base import QueueFullError, Stream
+from helpers.server.engine.kv import keep_rows, kv_bytes_per_token, kv_tensors, merge_rows, row_kv
+from helpers.server.engine.prefill import PrefillGroup
+from helpers.server.engine.prefix_cache import PrefixCache
+from helpers.server.engine.runner import ModelRunner
+from helpers.server.engine.sampling import pick_tokens
+from helpers.server.engine.scheduler import BatchLoad, Request, Scheduler
+
+LAYERS, HEADS, DIM, BLOCK = 2, 2, 3, 4
+
+
+def token_kv(ids: list[int]) -> torch.Tensor:
+    """A made-up KV ``[layers, 2, heads, tokens, dim]`` whose values say which token it is."""
+    kv = torch.zeros((LAYERS, 2, HEADS, len(ids), DIM))
+    for t, token in enumerate(ids):
+        kv[:, 0, :, t] = token * 10 + t  # keys: token and position
+        kv[:, 1, :, t] = -(token * 10 + t)  # values
+    return kv
+
+
+def store(cache: PrefixCache, ids: list[int]) -> int:
+    reference = token_kv(ids)
+    return cache.store(ids, lambda a, b: reference[:, :, :, a:b])
+
+
+BLOCK_BYTES = LAYERS * 2 * HEADS * BLOCK * DIM * 4
+
+
+# PrefixCache.
+
+def test_prefix_cache_hit_returns_the_stored_kv_of_the_longest_prefix():
+    cache = PrefixCache(100 * BLOCK_BYTES, block_tokens=BLOCK)
+    ids = list(range(1, 12))  # 11 tokens: 2 full blocks
+    assert store(cache, ids) == 2 and len(cache) == 2
+    cached, kv = cache.lookup(ids + [99, 98])
+    assert cached == 8
+    assert torch.equal(kv, token_kv(ids)[:, :, :, :8])
+    # One token is always left to compute: a prompt of exactly 8 tokens reuses one block.
+    assert cache.lookup(ids[:8])[0] == 4
+    assert cache.lookup([0] + ids[1:])[0] == 0  # the first block differs: nothing matches
+    assert store(cache, ids) == 0  # held already: nothing copied
+
+
+def test_prefix_cache_evicts_least_recently_used_tails_first():
+    cache = PrefixCache(4 * BLOCK_BYTES, block_tokens=BLOCK)
+    a, b = list(range(1, 9)), list(range(50, 58))  # two chains of 2 blocks each
+    store(cache, a)
+    store(cache, b)
+    assert cache.lookup(a + [0])[0] == 8  # a is now the most recent
+    c = list(range(100, 104))
+    store(cache, c)  # one block must go: b's tail, never its root before it
+    assert cache.evictions == 1
+    assert cache.lookup(b + [0])[0] == 4 and cache.lookup(a + [0])[0] == 8
+    store(cache, list(range(200, 204)))  # now c is the least recently used: it goes
+    assert cache.evictions == 2 and cache.bytes <= cache.budget_bytes
+    assert cache.lookup(c + [0])[0] == 0
+    assert cache.lookup(b + [0])[0] == 4 and cache.lookup(a + [0])[0] == 8
+
+
+def test_prefix_cache_keeps_within_its_byte_budget_and_keeps_a_long_chain_head():
+    cache = PrefixCache(3 * BLOCK_BYTES, block_tokens=BLOCK)
+    ids = list(range(1, 30))  # 7 full blocks, only 3 fit
+    assert store(cache, ids) == 3
+    assert cache.bytes == 3 * BLOCK_BYTES <= cache.budget_bytes
+    cached, kv = cache.lookup(ids)
+    assert cached == 12 and torch.equal(kv, token_kv(ids)[:, :, :, :12])
+    store(cache, list(range(40, 60)))  # another chain takes the room, the old one goes
+    assert cache.bytes <= cache.budget_bytes and cache.evictions == 3
+    assert PrefixCache(0, block_tokens=BLOCK).store(ids, lambda a, b: 1 / 0) == 0
+
+
+# KV helpers, against rows aligned by hand.
+
+def batch(rows: list[list[int]]) -> tuple[DynamicCache, torch.Tensor]:
+    """A left-padded batch of ``token_kv`` rows, and its mask."""
+    width = max(len(r) for r in rows)
+    kv = torch.zeros((LAYERS, 2, len(rows), HEADS, width, DIM))
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        kv[:, :, i, :, width - len(ids):] = token_kv(ids)
+        mask[i, width - len(ids):] = 1
+    return DynamicCache(ddp_cache_data=[(kv[n, 0], kv[n, 1]) for n in range(LAYERS)]), mask
+
+
+def real_kv(cache: DynamicCache, mask: torch.Tensor, i: int) -> torch.Tensor:
+    """Row ``i``'s KV over its unmasked columns, by a plain loop."""
+    columns = [c for c in range(mask.shape[1]) if mask[i, c]]
+    return torch.stack([torch.stack([layer.keys[i][:, columns], layer.values[i][:, columns]])
+                        for layer in cache.layers])
+
+
+def test_merge_keep_and_row_kv_match_rows_aligned_by_hand():
+    a, b = [[1, 2, 3], [4, 5]], [[6, 7, 8, 9, 10], [11]]
+    cache, mask = batch(a)
+    merged, merged_mask = merge_rows(cache, mask, *batch(b))
+    assert merged_mask.shape == (4, 5)
+    for i, ids in enumerate(a + b):
+        assert torch.equal(real_kv(merged, merged_mask, i), token_kv(ids))
+        assert torch.equal(row_kv(kv_tensors(merged), merged_mask[i], i, 1, len(ids)),
+                           token_kv(ids)[:, :, :, 1:])
+    kept = keep_rows(merged, merged_mask, [1, 3])  # rows [4, 5] and [11]: 3 dead columns go
+    assert kept.shape == (2, 2) and merged.layers[0].keys.shape[2] == 2
+    assert torch.equal(real_kv(merged, kept, 0), token_kv([4, 5]))
+    assert torch.equal(real_kv(merged, kept, 1), token_kv([11]))
+
+
+def test_row_kv_skips_a_gap_in_the_middle():
+    cache, mask = batch([[1, 2, 3, 4, 5]])
+    mask[0, 2] = 0  # a cached prefix, padding, then new tokens (prefill.py's layout)
+    expected = token_kv([1, 2, 3, 4, 5])[:, :, :, [0, 1, 3, 4]]
+    assert torch.equal(row_kv(kv_tensors(cache), mask[0], 0, 0, 4), expected)
+
+
+def test_kv_bytes_per_token_of_a_llama_like_config():
+    class Config:
+        num_hidden_layers, num_attention_heads, num_key_value_heads, hidden_size = 30, 9, 3, 576
+
+    assert kv_bytes_per_token(Config, torch.float32) == 46080  # SmolLM2-135M: 45 KiB
+    assert kv_bytes_per_token(Config, torch.float16) == 23040
+
+
+# Sampling.
+
+LOGITS = torch.tensor([[0.0, 3.0, 1.0, 2.0], [4.0, 0.0, 0.0, 3.9]])
+
+
+def test_greedy_and_top_k_one_take_the_most_likely_token():
+    greedy = GenerationParams(temperature=0)
+    top1 = GenerationParams(temperature=1.0, top_k=1)
+    assert pick_tokens(LOGITS, [greedy, top1], [None, None], [None, None]).tolist() == [1, 0]
+
+
+def test_top_p_that_rounds_to_zero_keeps_the_most_likely_token():
+    params = GenerationParams(temperature=1.0, top_p=1e-300)  # 0 in float32
+    for _ in range(20):
+        assert pick_tokens(LOGITS, [params, params], [None, None], [None, None]).tolist() == [1, 0]
+
+
+def test_top_k_draws_only_among_the_k_best():
+    params = GenerationParams(temperature=5.0, top_k=2)  # hot: without top_k all four appear
+    drawn = {int(pick_tokens(LOGITS[:1], [params], [None], [None])[0]) for _ in range(200)}
+    assert drawn == {1, 3}
+
+
+def test_seeded_rows_are_reproducible_and_independent_of_their_batch():
+    params = GenerationParams(temperature=1.5, seed=3)
+
+    def draws(rows: int) -> list[int]:
+        generator = torch.Generator().manual_seed(3)
+        logits = torch.zeros((rows, 50))
+        return [int(pick_tokens(logits, [params] * rows, [generator] + [None] * (rows - 1),
+                                [None] * rows)[0]) for _ in range(10)]
+
+    assert draws(1) == draws(1) == draws(3)
+    assert len(set(draws(1))) > 1
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_scores():
+    logits = torch.tensor([[2.0, -1.0, 1.9, -1.5]])
+    seen = [torch.tensor([0, 1])]
+    penalised = GenerationParams(temperature=0, repetition_penalty=2.0)
+    assert pick_tokens(logits, [GenerationParams(temperature=0)], [None], [None]).tolist() == [0]
+    # 2.0 -> 1.0 and -1.0 -> -2.0: token 2 (1.9) wins now.
+    assert pick_tokens(logits, [penalised], [None], seen).tolist() == [2]
+
+
+# PrefillGroup on a tiny random model: chunks give the logits of one pass.
+
+def test_chunked_prefill_equals_one_pass(tiny_chat):
+    model = tiny_chat.model
+    forward = ModelRunner(model).forward
+    prompts = [list(range(100, 137)), list(range(300, 311)), list(range(500, 523))]
+
+    with torch.inference_mode():
+        alone = [model(input_ids=torch.tensor([ids])).logits[0, -1].float() for ids in prompts]
+        for chunk in (0, 7, 16):
+            group = PrefillGroup(prompts, [(0, None)] * 3, pad_id=0, device=model.device)
+            logits, steps = None, 0
+            while logits is None:
+                logits = group.step(forward, chunk or group.rows * group.width)
+                steps += 1
+            assert steps == (1 if not chunk else -(-37 // max(1, chunk // 3)))
+            for i in range(3):
+                assert torch.allclose(logits[i], alone[i], atol=1e-4), (chunk, i)
+
+
+# Scheduler: memory decides how many rows run.
+
+def request(prompt: int, new: int) -> Request:
+    return Request(Stream(), list(range(prompt)), GenerationParams(max_new_tokens=new))
+
+
+def test_scheduler_admits_while_the_kv_budget_holds_then_waits():
+    scheduler = Scheduler(max_rows=64, kv_budget_tokens=1000, chunk_tokens=64, max_queue=8)
+    for _ in range(5):
+        scheduler.add(request(100, 200))  # 300 tokens each: 3 fit in 1000
+    plan = scheduler.plan(BatchLoad())
+    assert len(plan.admit) == 3 and plan.stage == "prefill" and not plan.decode
+    assert plan.prefill_tokens == 0  # nothing runs: whole prompts in one pass
+    running = BatchLoad(running=3, kv_tokens=900)
+    assert scheduler.plan(running).admit == [] and len(scheduler.waiting) == 2
+    assert len(scheduler.plan(BatchLoad(running=1, kv_tokens=300)).admit) == 2
+
+
+def test_scheduler_hard_cap_lone_big_request_and_queue_limit():
+    scheduler = Scheduler(max_rows=2, kv_budget_tokens=10**6, chunk_tokens=64, max_queue=3)
+    for _ in range(3):
+        scheduler.add(request(10, 10))
+    with pytest.raises(QueueFullError):
+        scheduler.add(request(10, 10))
+    assert len(scheduler.plan(BatchLoad()).admit) == 2  # the cap, whatever the memory
+    tight = Scheduler(max_rows=8, kv_budget_tokens=10, chunk_tokens=64, max_queue=3)
+    tight.add(request(100, 100))
+    assert len(tight.plan(BatchLoad()).admit) == 1  # alone, it runs even over the budget
+
+
+def test_scheduler_plans_one_stage_per_step_and_sizes_the_prefill_chunk():
+    scheduler = Scheduler(max_rows=64, kv_budget_tokens=10**6, chunk_tokens=64, max_queue=64)
+    plan = scheduler.plan(BatchLoad(running=2, prefilled=3, prefill_rows=0, storing=True))
+    assert plan.decode and plan.stage == "join"
+    assert scheduler.plan(BatchLoad(running=2, storing=True)).stage == "store"
+    one_long = scheduler.plan(BatchLoad(running=3, prefill_rows=1))
+    assert one_long.stage == "prefill" and one_long.prefill_tokens == 64
+    classroom = scheduler.plan(BatchLoad(running=1, prefill_rows=29))
+    assert classroom.prefill_tokens == 64 * 29
+    assert scheduler.plan(BatchLoad()).stage is None
