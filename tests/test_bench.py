@@ -96,3 +96,26 @@ def test_serve_warns_on_an_open_bind_without_a_key():
     assert "API key" in bind_warning("0.0.0.0", None)
     assert bind_warning("0.0.0.0", "key") is None
     assert bind_warning("127.0.0.1", None) is None
+
+
+def test_the_bench_runs_our_server_with_its_own_defaults(tiny_model_dir):
+    """The "dhllm" peer is ``dhllm serve`` as a user starts it (the KV budget sizes the batch);
+    only the serial baseline pins one row. The process's real environment tells (Linux /proc)."""
+    from pathlib import Path
+
+    import pytest
+
+    from helpers.bench.peers import PEERS, PeerRequest
+
+    req = PeerRequest(str(tiny_model_dir), str(tiny_model_dir), "tiny", 4)
+    for name, expected in [("dhllm", None), ("serial", "1")]:
+        server = PEERS[name].start(req)
+        try:
+            environ = Path(f"/proc/{server.proc.pid}/environ")
+            if not environ.exists():
+                pytest.skip("needs /proc to read a process's environment")
+            pairs = dict(item.split("=", 1) for item in
+                         environ.read_bytes().decode(errors="replace").split("\0") if "=" in item)
+            assert pairs.get("DHLLM_MAX_BATCH_SIZE") == expected, name
+        finally:
+            server.stop()

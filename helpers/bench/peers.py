@@ -95,15 +95,17 @@ class ServerProcess:
         self.stop()
 
 
-def dhllm_process(req: PeerRequest, max_batch_size: int = 16,
+def dhllm_process(req: PeerRequest, max_batch_size: int | None = None,
                   env: dict[str, str] | None = None, engine: str | None = None) -> ServerProcess:
-    """``dhllm serve`` (our engine); ``max_batch_size=1`` makes it the serial baseline."""
+    """``dhllm serve`` with its defaults (the KV budget decides the batch); ``max_batch_size=1``
+    makes it the serial baseline."""
     port = free_port()
     cmd = [sys.executable, "-m", "helpers", "serve", "--model", req.model, "--port", str(port)]
     if engine:
         cmd += ["--engine", engine]
-    settings = {"DHLLM_MAX_BATCH_SIZE": str(max_batch_size),
-                "DHLLM_DEFAULT_MAX_NEW_TOKENS": str(req.tokens), "DHLLM_API_KEY": ""}
+    settings = {"DHLLM_DEFAULT_MAX_NEW_TOKENS": str(req.tokens), "DHLLM_API_KEY": ""}
+    if max_batch_size is not None:
+        settings["DHLLM_MAX_BATCH_SIZE"] = str(max_batch_size)
     return ServerProcess(cmd, port, req.model_name, {**settings, **(env or {})})
 
 
