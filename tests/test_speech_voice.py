@@ -166,3 +166,20 @@ def test_leaving_the_pipeline_early_closes_the_llm_stream() -> None:
     assert next(clips).sentence == "又一句话。"
     clips.close()
     assert closed.wait(10)
+
+
+def test_offline_auto_is_espeak_without_probing_the_network(monkeypatch) -> None:
+    """DHLLM_OFFLINE=1: "auto" picks the offline voice and never opens a connection to Edge."""
+    import socket
+
+    from helpers.speech import edge
+    from helpers.speech.voices import get_voice
+
+    def no_network(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise AssertionError(f"probed the network offline: {args}")
+
+    monkeypatch.setenv("DHLLM_OFFLINE", "1")
+    monkeypatch.setattr(edge, "_reachable", None)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    assert edge.edge_reachable() is False
+    assert get_voice("auto", "zh").backend == "espeak"

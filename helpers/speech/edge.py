@@ -7,6 +7,7 @@ which ``Audio.from_mp3`` decodes to PCM.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import threading
@@ -38,8 +39,14 @@ _reachable: tuple[float, bool] | None = None
 
 
 def edge_reachable(timeout: float = 1.5, cache_s: float = 60.0) -> bool:
-    """Whether Edge's service answers a TCP connection (remembered for ``cache_s`` seconds)."""
+    """Whether Edge's service answers a TCP connection (remembered for ``cache_s`` seconds).
+
+    Offline (``DHLLM_OFFLINE``, as the hub probes honour it) nothing is probed: False. Read from
+    the environment directly because helpers.speech imports nothing from the package.
+    """
     global _reachable
+    if os.environ.get("DHLLM_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
     now = time.monotonic()
     if _reachable is None or now - _reachable[0] > cache_s:
         try:
