@@ -52,7 +52,8 @@ MAX_LISTED = 15  # models named in a message; a provider may list a hundred
 
 def pick_model(preferences: Sequence[str], available: Sequence[str]) -> str | None:
     """The first of ``preferences`` the provider lists, or None."""
-    return next((name for name in preferences if name in set(available)), None)
+    listed = set(available)
+    return next((name for name in preferences if name in listed), None)
 
 
 def models_hint(available: Sequence[str]) -> str:
