@@ -66,8 +66,10 @@ serve: setup $(if $(filter vllm,$(ENGINE)),vllm)
 chat: setup
 	$(VENV)/bin/dhllm chat "What is the capital of France?" --temperature 0
 
+# Two workers (pytest-xdist): the notebooks and the tests that bind their ports run in order on
+# one, the other modules on the other (conftest.py). `-n 0` runs everything in one process.
 test: setup vllm
-	$(PY) -m pytest tests notebooks --nbval-lax --durations=12
+	$(PY) -m pytest tests notebooks --nbval-lax -n $(or $(WORKERS),2) --durations=12
 
 e2e: setup
 	$(PY) -m pytest tests/test_browser_e2e.py -m e2e

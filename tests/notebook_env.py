@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from filelock import FileLock
+
 from tests.fakes import provider_env
 from tests.fakes.gemini_fake import start_fake_gemini
 from tests.fakes.openai_fake import start_fake_openai
@@ -30,9 +32,16 @@ def notebook_services() -> Iterator[dict[str, str]]:
             "GIT_CONFIG_GLOBAL": str(Path(git_home) / "gitconfig"),
             "DHLLM_OFFLINE": "1",  # notebook 01 uses its local mirror, never a real hub
             # The chapter's curl sends no max_length: keep CPU answers short under test.
-            "DHLLM_DEFAULT_MAX_NEW_TOKENS": "48",
+            "DHLLM_DEFAULT_MAX_NEW_TOKENS": "24",
             # Notebook 04 starts vLLM when one is installed (make vllm): skip torch.compile and
             # CUDA graphs, ~20 s to start instead of ~60-95 s on a 2-core CPU.
             "DHLLM_VLLM_ARGS": "--enforce-eager",
             **provider_env(openai_fake, gemini_fake, key=FAKE_KEY),
         }
+
+
+def notebook_lock(notebook: str, timeout_s: float = 900) -> FileLock:
+    """One runner at a time per notebook: nbval and the browser test run the same notebook on the
+    same fixed ports, from two pytest-xdist workers. Waiting longer than ``timeout_s`` fails."""
+    name = Path(notebook).stem
+    return FileLock(Path(tempfile.gettempdir()) / f"dhllm-test-{name}.lock", timeout=timeout_s)

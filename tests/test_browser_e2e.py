@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -30,12 +32,13 @@ from tests.e2e_lab import (
     copy_tree_for_lab,
     error_outputs,
     run_all_and_wait,
+    save_and_wait,
     saved_errors,
     saved_text,
     unexecuted_code_cells,
     wait_kernel_idle,
 )
-from tests.notebook_env import notebook_services
+from tests.notebook_env import notebook_lock, notebook_services
 
 RUN_ALL_TIMEOUT_S = 540  # per notebook; 02 loads, serves and measures the embedded model on CPU
 ANSWER_TIMEOUT_S = 120
@@ -61,17 +64,20 @@ NOTEBOOKS = sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb"))
 NO_KEY_HINT = "没有 OPENAI_API_KEY：同样的 SDK 代码连你自己的服务"  # notebook 04, printed without a key
 
 
-def run_notebook(page, lab: JupyterLab, root: Path, notebook: str) -> None:  # noqa: ANN001
-    """Open ``notebook`` in ``page``, Run All, and fail on any error output or unexecuted cell."""
-    lab.reset(notebook)
+def run_notebook(page, lab: JupyterLab, root: Path, notebook: str,  # noqa: ANN001
+                 kernel: Future[None] | None = None) -> None:
+    """Open ``notebook`` in ``page`` (on its ``kernel`` started ahead, if given), Run All, and
+    fail on any error output or unexecuted cell."""
+    if kernel is not None:
+        kernel.result()  # raises if the kernel did not start
+    lab.reset(notebook, keep_kernel=kernel is not None)
     page.goto(lab.lab_url(notebook))
     wait_kernel_idle(page, 90)
     run_all_and_wait(page, RUN_ALL_TIMEOUT_S)
     errors = error_outputs(page)
     assert not errors, f"{notebook}: cells show errors:\n\n" + "\n\n".join(errors)
     assert unexecuted_code_cells(page) == 0, f"{notebook}: Run All left cells unexecuted"
-    page.keyboard.press("Control+s")  # the saved file must agree: no error outputs
-    page.wait_for_timeout(1000)
+    save_and_wait(page, root / notebook)  # the saved file must agree: no error outputs
     assert saved_errors(root / notebook) == [], notebook
     page.keyboard.press("Control+b")  # hide the file browser for the pictures
 
@@ -94,10 +100,16 @@ def test_every_notebook_in_one_jupyterlab(tmp_path: Path, shots: Path,
     root = copy_tree_for_lab(tmp_path / "root")
     state = tmp_path / "state"
     state.mkdir()
-    with notebook_services() as services, \
+    # Each notebook's lock, taken before its tab opens, is held until JupyterLab has stopped its
+    # kernel: nbval may run the same notebook on the same ports from the other xdist worker.
+    with ExitStack() as locks, notebook_services() as services, \
             JupyterLab(root, state, free_port(), env=_no_keys(monkeypatch, services)) as lab, \
-            chromium_page(tmp_path / "chromium-profile") as first_page:
+            chromium_page(tmp_path / "chromium-profile") as first_page, \
+            ThreadPoolExecutor(1) as starter:
         page = first_page
+        # The next notebooks' kernels start one by one in the background while 01 runs.
+        kernels = {name: starter.submit(lab.start_kernel, f"notebooks/{name}")
+                   for name in NOTEBOOKS[1:]}
         try:
             for name in NOTEBOOKS:
                 notebook = f"notebooks/{name}"
@@ -106,7 +118,8 @@ def test_every_notebook_in_one_jupyterlab(tmp_path: Path, shots: Path,
                     # Its kernel keeps running on the server, as it would for a learner.
                     previous, page = page, page.context.new_page()
                     previous.close(run_before_unload=False)
-                run_notebook(page, lab, root, notebook)
+                locks.enter_context(notebook_lock(name))
+                run_notebook(page, lab, root, notebook, kernels.get(name))
                 if name == "01_download.ipynb":
                     check_download_progress_bar(page, shots)
                 elif name == "04_cloud_llms.ipynb":  # no key: the SDK cells reach our own server

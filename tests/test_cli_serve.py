@@ -58,6 +58,9 @@ def test_the_same_curl_answers_from_a_local_and_a_cloud_model(tiny_model_dir):
         local = chapter_curl(port)
     assert local["status"] == 200 and local["history"][0][0] == "如何应对压力"
 
+    # A port of its own: once freed, the first one may go to another test (make test runs two
+    # workers), and the curl would reach that test's server.
+    port = free_port()
     with start_fake_openai(api_key="test-key") as fake:
         cloud_env = {"OPENAI_API_KEY": "test-key", "OPENAI_BASE_URL": fake.base_url}
         with dhllm_serve("openai:gpt-4o-mini", port, cloud_env):
