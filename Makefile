@@ -66,8 +66,8 @@ serve: setup $(if $(filter vllm,$(ENGINE)),vllm)
 chat: setup
 	$(VENV)/bin/dhllm chat "What is the capital of France?" --temperature 0
 
-# Two workers (pytest-xdist): the notebooks and the tests that bind their ports run in order on
-# one, the other modules on the other (conftest.py). `-n 0` runs everything in one process.
+# Two workers (pytest-xdist); conftest.py decides what runs where (the notebooks bind fixed ports).
+# WORKERS=0 runs everything in one process.
 test: setup vllm
 	$(PY) -m pytest tests notebooks --nbval-lax -n $(or $(WORKERS),2) --durations=12
 

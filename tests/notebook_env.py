@@ -33,8 +33,8 @@ def notebook_services() -> Iterator[dict[str, str]]:
             "DHLLM_OFFLINE": "1",  # notebook 01 uses its local mirror, never a real hub
             # The chapter's curl sends no max_length: keep CPU answers short under test.
             "DHLLM_DEFAULT_MAX_NEW_TOKENS": "24",
-            # Notebook 04 starts vLLM when one is installed (make vllm): skip torch.compile and
-            # CUDA graphs, ~20 s to start instead of ~60-95 s on a 2-core CPU.
+            # Notebook 05 starts vLLM when one is installed (make vllm): skip torch.compile and
+            # CUDA graphs, ~25 s to start instead of ~60-95 s on a 2-core CPU.
             "DHLLM_VLLM_ARGS": "--enforce-eager",
             **provider_env(openai_fake, gemini_fake, key=FAKE_KEY),
         }
