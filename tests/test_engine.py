@@ -105,12 +105,16 @@ def test_queue_full_and_stopped_engine(tiny_chat):
     eng.start()
     try:
         running = eng.submit(user("x"), GenerationParams(max_new_tokens=1500, temperature=0))
-        next(iter(running))  # in the batch now; the next one waits
+        # Keep the iterator: dropping it closes it, and closing a stream's iterator cancels the
+        # request (a client that went away), which would let "y" in before "z" arrives.
+        pieces = iter(running)
+        next(pieces)  # in the batch now; the next one waits
         waiting = eng.submit(user("y"), GREEDY)
         with pytest.raises(QueueFullError):
             eng.submit(user("z"), GREEDY)
         assert eng.stats.rejected == 1
         running.cancel()
+        pieces.close()
         assert "".join(waiting)
     finally:
         eng.stop()
