@@ -131,10 +131,20 @@ def test_a_failed_join_ends_the_joining_streams_only(engine, solo, monkeypatch):
     serves_next(engine, solo)
 
 
-def test_a_failed_prefill_chunk_ends_the_group_only(engine, solo, monkeypatch):
+# The stages that work on newcomers only: a failure there ends the newcomers, never the runner.
+# Each newcomer's prompt differs from the others', so its stage really runs (no whole-prompt hit).
+NEWCOMER_STAGES = {
+    "prefill-chunk": (PrefillGroup, "step", " Again."),
+    "lookup": (PrefixCache, "lookup", " Once more."),
+}
+
+
+@pytest.mark.parametrize("stage", NEWCOMER_STAGES)
+def test_a_failed_newcomer_stage_ends_the_newcomers_only(engine, solo, monkeypatch, stage):
+    owner, method, suffix = NEWCOMER_STAGES[stage]
     runner = running(engine)  # its own prefill is done: its first piece is out
-    monkeypatch.setattr(PrefillGroup, "step", raise_once(PrefillGroup.step))
-    newcomer = engine.submit(user(LONG_PROMPT + " Again."), GREEDY)
+    monkeypatch.setattr(owner, method, raise_once(getattr(owner, method)))
+    newcomer = engine.submit(user(LONG_PROMPT + suffix), GREEDY)
     _, error = collect(newcomer)
     assert isinstance(error, Boom) and newcomer.finish.reason == "error"
     assert runner.rest() == solo["runner"]
@@ -167,17 +177,6 @@ def test_a_failed_decode_step_ends_the_running_rows_only(tiny_chat, monkeypatch)
         assert collect(engine.submit(user(LONG_PROMPT), GREEDY)) == (alone, None)
     finally:
         engine.stop()
-
-
-def test_a_failed_lookup_ends_the_newcomers_only(engine, solo, monkeypatch):
-    runner = running(engine)
-    monkeypatch.setattr(PrefixCache, "lookup", raise_once(PrefixCache.lookup))
-    newcomer = engine.submit(user(LONG_PROMPT + " Once more."), GREEDY)
-    _, error = collect(newcomer)
-    assert isinstance(error, Boom) and newcomer.finish.reason == "error"
-    assert runner.rest() == solo["runner"]
-    assert engine.stats.errors == 1
-    serves_next(engine, solo)
 
 
 def test_a_failed_block_store_costs_blocks_never_a_reply(engine, solo, monkeypatch):
