@@ -186,7 +186,7 @@ class ReplicaSet:
                 time.sleep(0.1)
 
     def health(self) -> dict[str, Any]:
-        """Replicas in all and healthy, restarts so far, and the routing policy."""
+        """Replicas in all and healthy (answering and routed to), restarts, the routing policy."""
         return {"total": len(self.replicas), "healthy": sum(r.healthy for r in self.replicas),
                 "restarts": sum(r.restarts for r in self.replicas), "policy": self.router.policy}
 
@@ -205,22 +205,25 @@ class ReplicaSet:
         if replica.restarting:
             return
         if process is not None and not process.running:  # it died: out now, back later
-            if replica.healthy or replica.routed:
+            if replica.healthy:
                 log.warning("vLLM replica %s exited; restarting it", replica.url)
                 replica.healthy = False
-                self._route(replica, False)
                 replica.restart_at = time.monotonic() + self._backoff(replica)
+            self._route(replica, False)  # tried again at each check while the router refuses
             if time.monotonic() >= replica.restart_at:
                 replica.restarting = True
                 threading.Thread(target=self._restart, args=(replica,), daemon=True).start()
             return
         ok = self._answers(replica)
         replica.misses = 0 if ok else replica.misses + 1
-        if ok and not replica.healthy:
-            replica.healthy = True
+        if ok and not (replica.healthy and replica.routed):
+            # Healthy means "takes traffic": only once the router has it back (its /add_worker
+            # returns after its own health check, seconds later). A refused add is retried.
             self._route(replica, True)
-            log.warning("vLLM replica %s is back", replica.url)
-        elif replica.misses >= 3 and replica.healthy:  # alive but not answering (elsewhere?)
+            if replica.routed and not replica.healthy:
+                replica.healthy = True
+                log.warning("vLLM replica %s is back", replica.url)
+        elif replica.misses >= 3 and (replica.healthy or replica.routed):  # alive, not answering
             replica.healthy = False
             self._route(replica, False)
 
