@@ -211,8 +211,7 @@ def test_notebook_imports_like_on_colab(name: str, colab_venv: ColabVenv,
             pytest.fail(f"{name} failed outside the checkout (outputs so far: "
                         f"{folder / f'executed-{name}'}):\n{plain}", pytrace=False)
         finally:
-            # nbclient shuts down only kernels it started itself; ours would live on, and with
-            # it notebook 02's server on port 7871, failing every later test that needs the port.
+            # nbclient shuts down only kernels it started itself: ours would outlive the test.
             if km.has_kernel:
                 km.shutdown_kernel(now=True)
     last = nb.cells[-1].outputs
