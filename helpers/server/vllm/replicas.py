@@ -217,8 +217,9 @@ class ReplicaSet:
         ok = self._answers(replica)
         replica.misses = 0 if ok else replica.misses + 1
         if ok and not (replica.healthy and replica.routed):
-            # Healthy means "takes traffic": only once the router has it back (its /add_worker
-            # returns after its own health check, seconds later). A refused add is retried.
+            # Healthy means "takes traffic": only once the router has it back. vllm-router's
+            # /add_worker probes the worker first (0.01 s if it answers; a worker that does not
+            # answer holds the call past our 10 s timeout). A refused add is tried again.
             self._route(replica, True)
             if replica.routed and not replica.healthy:
                 replica.healthy = True
