@@ -84,7 +84,7 @@ def stub() -> Iterator[StubReplica]:
 
 def supervised(replica: Replica) -> tuple[ReplicaSet, RouterDouble]:
     router = RouterDouble([replica.url] if replica.routed else [])
-    replicas = ReplicaSet([replica], router)  # type: ignore[arg-type]  # the double, not a process
+    replicas = ReplicaSet([replica], router)  # type: ignore[arg-type]  # a double, not a RouterProcess
     router.set = replicas
     return replicas, router
 
