@@ -39,7 +39,8 @@ SETUP_COMMANDS = ("make ", "git clone", "pip install", "dhllm serve", "jupyter")
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory, embedded_chat):
-    """The chapter's server on 7871 (embedded model), a mirror on 8090, and the cloud fakes."""
+    """The chapter's server on 7871 and 03's on 7872 (embedded model), a mirror on 8090, and the
+    cloud fakes."""
     from helpers.hub.mirror import mirror_in_background
     from helpers.server import serve_in_background
     from helpers.stand_in import add_stand_in
@@ -50,7 +51,9 @@ def services(tmp_path_factory, embedded_chat):
         add_stand_in(root, repo_id)
     # The chapter's get_completion sends no max_length: keep CPU answers short (a snippet only has
     # to run and print an answer), as the notebooks' own test environment does.
+    # 03's snippets call its own port, 7872: notebook 02's server may still hold 7871.
     with serve_in_background(embedded_chat, port=7871, default_max_new_tokens=16), \
+            serve_in_background(embedded_chat, port=7872, default_max_new_tokens=16), \
             mirror_in_background(root, port=8090), notebook_services() as env:
         yield env
 

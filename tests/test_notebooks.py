@@ -99,3 +99,55 @@ def test_later_notebooks_keep_off_the_chapters_port():
             assert str(DEFAULT_PORT) not in cell, f"{name} uses port {DEFAULT_PORT}:\n{cell}"
             for call in re.findall(r"serve_in_background\([^)]*\)", cell):
                 assert "NOTEBOOK_PORTS[" in call, f"{name}: {call}"
+
+
+PORT = re.compile(r"(?<![\d.,])(78[0-9]{2}|80[0-9]{2})(?![\d.])")
+PORT_RANGE = re.compile(r"(\d{4})\s*[-–]\s*(\d{4})")
+
+
+def ports_in(text: str) -> set[int]:
+    """Port numbers named in ``text``; ranges such as ``7876–7878`` expanded."""
+    found = {int(p) for p in PORT.findall(text)}
+    for low, high in PORT_RANGE.findall(text):
+        found |= set(range(int(low), int(high) + 1))
+    return found
+
+
+def ports_used(path: Path) -> set[int]:
+    """The ports a notebook's code serves on or calls: NOTEBOOK_PORTS entries and literal numbers."""
+    from helpers.config import NOTEBOOK_PORTS
+
+    code = "\n".join(code_sources(path))
+    keys = re.findall(r"""NOTEBOOK_PORTS\[["']([\w-]+)["']\]""", code)
+    return {NOTEBOOK_PORTS[k] for k in keys} | ports_in(code)
+
+
+def test_ports_in_notebooks_and_readme_agree_with_notebook_ports():
+    """Each port a notebook or the README names is a configured one; what the README and notebook
+    02 say each notebook uses is what that notebook's code uses."""
+    from helpers.config import DEFAULT_MIRROR_PORT, NOTEBOOK_PORTS
+
+    own_choice = 7880  # the README's example of picking another port when one is taken
+    configured = set(NOTEBOOK_PORTS.values()) | {DEFAULT_MIRROR_PORT, own_choice}
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name, text in [("README.md", readme)] + [
+            (p.name, "\n".join(source(c) for c in load(p))) for p in NOTEBOOKS]:
+        assert ports_in(text) <= configured, f"{name} names {ports_in(text) - configured}"
+    used = {p.name[:2]: ports_used(p) - {DEFAULT_MIRROR_PORT} for p in NOTEBOOKS}
+    assert used["01"] == set() and used["02"] == {NOTEBOOK_PORTS["02"]}
+    for key, port in NOTEBOOK_PORTS.items():  # each notebook serves only on its own ports
+        for number, ports in used.items():
+            if port in ports:
+                assert key.startswith(number), f"notebook {number} uses {port}, NOTEBOOK_PORTS[{key!r}]"
+
+    listing = re.search(r"`helpers\.config\.NOTEBOOK_PORTS`: (.*?)\)\.", readme, re.S).group(1)
+    said = {n: ports_in(t) for n, t in re.findall(r"(0[2-5]) → (.*?)(?=; 0[2-5] →|; the local|$)",
+                                                  listing, re.S)}
+    assert said == {n: used[n] for n in ("02", "03", "04", "05")}, listing
+    bullet = re.search(r"^- Ports: (.*?)They live in", readme, re.S | re.M).group(1)
+    for part in bullet.split(";"):
+        if number := re.search(r"notebook (0[2-5])", part):
+            assert ports_in(part) == used[number.group(1)], part
+    intro = source(load(ROOT / "notebooks" / "02_linly_api.ipynb")[0])
+    said = {n: ports_in(t) for n, t in re.findall(r"(0[3-5]) 用 ([\d–、和 （）vLLM]+)", intro)}
+    assert said == {n: used[n] for n in ("03", "04", "05")}, intro
