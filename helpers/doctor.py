@@ -318,6 +318,74 @@ def check_hubs(hubs: list[tuple[str, str]] | None = None, timeout: float = HUB_T
     return found
 
 
+# ---------------------------------------------------------------- cloud APIs
+
+GEMINI_URL = "https://generativelanguage.googleapis.com"
+OPENAI_URL = "https://api.openai.com/v1"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def cloud_url(name: str) -> str:
+    """Where provider ``name`` (gemini or a preset) is called: its base-URL variable, else its
+    default; the same variables the backends and the SDKs read."""
+    from helpers.chat.presets import get_preset
+
+    if name == "gemini":
+        return os.environ.get("GOOGLE_GEMINI_BASE_URL") or GEMINI_URL
+    preset = get_preset(name)
+    sdk_default = os.environ.get("OPENAI_BASE_URL") if name == "openai" else None
+    return os.environ.get(preset.base_url_env) or sdk_default or preset.base_url or OPENAI_URL
+
+
+def probe_clouds(names: list[str], timeout: float | None = None) -> dict[str, bool | None]:
+    """Which providers answer HTTP within ``timeout`` s (DHLLM_CLOUD_PROBE_TIMEOUT), probed in
+    parallel like the hubs: True, False, or None when offline is set (DHLLM_OFFLINE /
+    HF_HUB_OFFLINE) and the address is not this machine's, so it was not probed."""
+    from urllib.parse import urlparse
+
+    from helpers.hub import hub_reachable
+
+    timeout = get_settings().cloud_probe_timeout if timeout is None else timeout
+    urls = {name: cloud_url(name) for name in names}
+    probed = {name: url for name, url in urls.items()
+              if not _offline() or urlparse(url).hostname in LOOPBACK}
+    with ThreadPoolExecutor(max(len(probed), 1)) as pool:
+        answers = dict(zip(probed, pool.map(lambda u: hub_reachable(u, timeout=timeout),
+                                            probed.values()), strict=True))
+    return {name: answers.get(name) for name in names}
+
+
+def check_clouds(timeout: float | None = None) -> list[Finding]:
+    """The cloud providers whose API key is set: which answer; OpenAI or Gemini not answering
+    (mainland China without a VPN) is a problem with the way out."""
+    from helpers.chat import clouds_with_keys
+    from helpers.chat.cloud_common import BLOCKED_IN_CHINA, REACHABLE_FROM_CHINA
+
+    answers = probe_clouds(clouds_with_keys(), timeout)
+    if not answers:
+        return []
+    up = [name for name, ok in answers.items() if ok]
+    down = [name for name, ok in answers.items() if ok is False]
+    found = [_ok("clouds", f"设置了密钥、能连上的服务商：{', '.join(up) or '无'}",
+                 f"cloud providers with a key that answer: {', '.join(up) or 'none'}")]
+    if None in answers.values():
+        found.append(Finding("clouds", "note", "已设置离线（DHLLM_OFFLINE），不检查云端服务商",
+                             "offline is set: cloud providers not probed"))
+    blocked = [name for name in down if name in BLOCKED_IN_CHINA]
+    if blocked:
+        found.append(Finding(
+            "clouds", "problem", f"{', '.join(blocked)} 连不上（在中国大陆不开 VPN 时就是这样）",
+            f"{', '.join(blocked)} does not answer (as from mainland China without a VPN)",
+            f"改用国内可以直接访问的服务商（{', '.join(REACHABLE_FROM_CHINA)}，设置它的 API 密钥），"
+            f"或者在启动 Jupyter 之前设置代理：export HTTPS_PROXY=http://127.0.0.1:<代理端口>"))
+    others = [name for name in down if name not in BLOCKED_IN_CHINA]
+    if others:
+        found.append(Finding("clouds", "problem", f"{', '.join(others)} 连不上",
+                             f"{', '.join(others)} does not answer",
+                             "检查网络、代理（HTTPS_PROXY）和 DHLLM_<服务商>_BASE_URL"))
+    return found
+
+
 # ---------------------------------------------------------------- ports and Colab
 
 
@@ -399,7 +467,8 @@ def run_checks(hubs: bool = True) -> list[Finding]:
     nothing_up = any(f.level == "problem" and f.en.startswith("no hub") for f in hub_found)
     online = not (_offline() or nothing_up)
     found += _guarded("disk", lambda: check_chosen_model_disk(online))
-    found += _guarded("proxy", check_proxies) + hub_found + _guarded("ports", check_ports)
+    found += _guarded("proxy", check_proxies) + hub_found
+    found += (_guarded("clouds", check_clouds) if hubs else []) + _guarded("ports", check_ports)
     found += _guarded("colab", lambda: check_colab(is_colab(), bool(build and build.available)))
     return found
 

@@ -167,6 +167,45 @@ def test_hubs_that_answer_and_hubs_that_do_not(monkeypatch: pytest.MonkeyPatch, 
     assert "DHLLM_OFFLINE=1" in found[0].fix
 
 
+# ---------------------------------------------------------------- cloud providers
+
+CLOUD_VARS = ["GEMINI_API_KEY", "GOOGLE_API_KEY", "OPENAI_API_KEY", "ZHIPUAI_API_KEY",
+              "DEEPSEEK_API_KEY", "DASHSCOPE_API_KEY", "MOONSHOT_API_KEY", "OPENAI_BASE_URL",
+              "GOOGLE_GEMINI_BASE_URL", "DHLLM_OPENAI_BASE_URL", "DHLLM_DEEPSEEK_BASE_URL",
+              "DHLLM_OFFLINE", "HF_HUB_OFFLINE"]
+
+
+def test_clouds_that_answer_and_a_gemini_that_does_not(monkeypatch: pytest.MonkeyPatch,
+                                                        no_proxies: None):
+    """Issue 23: with a Gemini key set and Gemini silent (mainland China without a VPN), the
+    doctor says so in Chinese and names the providers that answer from China; DHLLM_OFFLINE
+    leaves other machines unprobed but still probes this one."""
+    from tests.fakes import SilentServer
+
+    for name in CLOUD_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GEMINI_API_KEY", "g-key")
+    monkeypatch.setenv("DEEPSEEK_API_KEY", "d-key")
+    with SilentServer() as silent, http_server(status=404) as deepseek:
+        monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", silent.url)
+        monkeypatch.setenv("DHLLM_DEEPSEEK_BASE_URL", url_of(deepseek))
+        assert doctor.probe_clouds(["gemini", "deepseek"], timeout=1) == {
+            "gemini": False, "deepseek": True}
+        found = doctor.check_clouds(timeout=1)
+        assert [f.level for f in found] == ["ok", "problem"]
+        assert "deepseek" in found[0].zh
+        assert "gemini 连不上" in found[1].zh and "VPN" in found[1].zh
+        assert "deepseek, zhipu, dashscope" in found[1].fix and "HTTPS_PROXY" in found[1].fix
+        assert silent.connections == 2
+
+        monkeypatch.setenv("DHLLM_OFFLINE", "1")
+        monkeypatch.setenv("OPENAI_API_KEY", "o-key")  # api.openai.com: not probed offline
+        assert doctor.probe_clouds(["gemini", "openai", "deepseek"], timeout=1) == {
+            "gemini": False, "openai": None, "deepseek": True}
+    assert doctor.cloud_url("openai") == "https://api.openai.com/v1"
+    assert doctor.cloud_url("zhipu") == "https://open.bigmodel.cn/api/paas/v4/"
+
+
 # ---------------------------------------------------------------- Python, disk, GPU memory
 
 

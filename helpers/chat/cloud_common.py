@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from helpers.chat.base import GenerationParams
+from helpers.config import get_settings
 from helpers.errors import (
     AuthenticationError,
     BadRequestError,
@@ -18,8 +19,39 @@ from helpers.errors import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 60.0  # seconds, for each HTTP request
 DEFAULT_MAX_RETRIES = 3
+# Neither lists mainland China among its supported regions (OpenAI:
+# https://help.openai.com/en/articles/5347006, Gemini:
+# https://ai.google.dev/gemini-api/docs/available-regions); these three are hosted there.
+BLOCKED_IN_CHINA = ("openai", "gemini")
+REACHABLE_FROM_CHINA = ("deepseek", "zhipu", "dashscope")
+LOCAL_PRESETS = ("vllm", "ollama", "dhllm")
+
+
+def cloud_timeouts(timeout: float | None) -> tuple[float, float]:
+    """``(per request, connect)`` in seconds: ``timeout`` or DHLLM_CLOUD_TIMEOUT, and the connect
+    part (DHLLM_CLOUD_CONNECT_TIMEOUT) never longer than the whole."""
+    settings = get_settings()
+    total = settings.cloud_timeout if timeout is None else timeout
+    return total, min(total, settings.cloud_connect_timeout)
+
+
+def no_answer_message(where: str, provider: str, seconds: float | None) -> str:
+    """What a learner reads when a provider does not answer within ``seconds`` (None: the
+    connection failed at once), in Chinese with the fix, English after it."""
+    if seconds is None:
+        zh, en = "连不上", "cannot connect"
+    else:
+        zh, en = f"{seconds:g} 秒内没有回答（超时）", f"no answer within {seconds:g} s (timeout)"
+    if provider in BLOCKED_IN_CHINA:
+        fix = ("在中国大陆不开 VPN 时连不上 OpenAI 和 Gemini。解决办法：改用在国内可以直接访问的"
+               "服务商，例如 get_chat_model(\"deepseek\")、\"zhipu\" 或 \"dashscope\"；或者在启动 "
+               "Jupyter 之前设置代理：export HTTPS_PROXY=http://127.0.0.1:<代理端口>")
+    elif provider in LOCAL_PRESETS:
+        fix = "本机的服务在运行吗？base_url 对吗？"
+    else:
+        fix = "检查网络、代理（HTTPS_PROXY）和 base_url；回答很长时可以把超时调大：DHLLM_CLOUD_TIMEOUT=120"
+    return f"{where}：{zh}。{fix} / {en}"
 MAX_RETRY_AFTER = 60.0  # a longer server-requested wait is not worth blocking a chat for
 
 

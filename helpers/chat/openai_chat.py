@@ -19,8 +19,9 @@ from typing import Any
 from helpers.chat.base import ChatModel, GenerationParams, Message, validate_messages
 from helpers.chat.cloud_common import (
     DEFAULT_MAX_RETRIES,
-    DEFAULT_TIMEOUT,
+    cloud_timeouts,
     models_hint,
+    no_answer_message,
     pick_model,
     retry_after_header,
     safe_url,
@@ -48,7 +49,7 @@ class OpenAIChat(ChatModel):
         model: str | None = None,
         api_key: str | None = None,
         base_url: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: float | None = None,
         max_retries: int = DEFAULT_MAX_RETRIES,
         name: str | None = None,
         preset: str | Preset = "openai",
@@ -63,14 +64,15 @@ class OpenAIChat(ChatModel):
         self.name = name or f"{self.preset.name}:{self.model}"
         # Explicit > DHLLM_<PRESET>_BASE_URL > preset default (None: the SDK reads OPENAI_BASE_URL).
         self.base_url = base_url or os.environ.get(self.preset.base_url_env) or self.preset.base_url
-        self.timeout = timeout
+        # None: DHLLM_CLOUD_TIMEOUT. A short connect part: a blocked host fails in seconds.
+        self.timeout, connect = cloud_timeouts(timeout)
         key = api_key or self._key_from_secrets()  # raises MissingSecretError before any request
         self._secrets = (key,)
         self._warned: set[str] = set()
         self.client = openai.OpenAI(
             api_key=key,
             base_url=self.base_url,
-            timeout=timeout,
+            timeout=openai.Timeout(self.timeout, connect=connect),  # the SDK's own httpx
             max_retries=max_retries,  # the SDK backs off exponentially and honours Retry-After
             **client_options,
         )
@@ -177,11 +179,9 @@ class OpenAIChat(ChatModel):
         import openai
 
         where = f"{self.name} at {safe_url(self.base_url)}"
-        if isinstance(exc, openai.APITimeoutError):
-            return UnavailableError(f"{where}: no answer within {self.timeout:g} s (timeout)")
-        if isinstance(exc, openai.APIConnectionError):
-            return UnavailableError(f"{where}: cannot connect; is the server running and the "
-                                    f"base URL right?")
+        if isinstance(exc, openai.APIConnectionError):  # APITimeoutError is one too
+            waited = self.timeout if isinstance(exc, openai.APITimeoutError) else None
+            return UnavailableError(no_answer_message(where, self.preset.name, waited))
         if not isinstance(exc, openai.APIError):
             return exc  # a bug or a ValueError of ours: not the provider's fault
         body = exc.body
