@@ -45,7 +45,7 @@ def test_importing_helpers_does_not_import_the_sdks() -> None:
         ("ollama:qwen2.5:1.5b", "ollama", "qwen2.5:1.5b", "http://127.0.0.1:11434/v1"),
         ("dhllm:embedded", "dhllm", "embedded", "http://127.0.0.1:7871/v1"),
         ("zhipu", "zhipu", "glm-4-flash", "https://open.bigmodel.cn/api/paas/v4/"),
-        ("deepseek:", "deepseek", "deepseek-v4-flash", "https://api.deepseek.com"),
+        ("deepseek:", "deepseek", "deepseek-flash", "https://api.deepseek.com"),
     ],
 )
 def test_presets(spec: str, preset: str, model: str, base_url: str) -> None:

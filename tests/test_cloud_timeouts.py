@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from helpers.chat import GeminiChat, OpenAIChat, UnavailableError, get_chat_model
+from helpers.chat import GeminiChat, OpenAIChat, UnavailableError, explained, get_chat_model
 from helpers.config import get_settings
 from tests.fakes import HISTORY, SilentServer
 
@@ -115,8 +115,8 @@ def test_every_sdk_client_in_notebook_04_has_a_timeout() -> None:
         assert wanted in keywords, f"no {wanted}= in {ast.unparse(call)}"
 
 
-def test_the_notebooks_sdk_calls_time_out_too(silent: SilentServer) -> None:
-    """The same constructors as notebook 04, run against the silent server."""
+def test_the_notebooks_sdk_calls_time_out_with_the_chinese_message(silent: SilentServer) -> None:
+    """The same constructors and ``explained`` as notebook 04, against the silent server."""
     import openai
     from google import genai
     from google.genai import types
@@ -124,10 +124,24 @@ def test_the_notebooks_sdk_calls_time_out_too(silent: SilentServer) -> None:
     timeout = TIMEOUT
     client = openai.OpenAI(base_url=silent.url + "/v1", api_key=KEY, timeout=timeout,
                            max_retries=0)
-    error = returns_in_time(lambda: client.models.list())
-    assert isinstance(error, openai.APITimeoutError)
+    assert isinstance(returns_in_time(lambda: client.models.list()), openai.APITimeoutError)
+
+    def listed() -> None:
+        with explained("openai", timeout):
+            client.models.list()
+
+    error = returns_in_time(listed)
+    assert isinstance(error, UnavailableError) and "1 秒内没有回答（超时）" in str(error)
+    assert "中国大陆" in str(error)
+
     gclient = genai.Client(api_key=KEY, http_options=types.HttpOptions(
         base_url=silent.url, timeout=int(timeout * 1000)))
-    error = returns_in_time(lambda: gclient.models.generate_content(
-        model="gemini-3.5-flash", contents="hi"))
-    assert "timeout" in type(error).__name__.lower(), repr(error)
+
+    def generated() -> None:
+        with explained("gemini", timeout):
+            gclient.models.generate_content(model="gemini-3.5-flash", contents="hi")
+
+    error = returns_in_time(generated)
+    assert isinstance(error, UnavailableError) and "1 秒内没有回答（超时）" in str(error)
+    with pytest.raises(ZeroDivisionError), explained("openai", timeout):  # others pass through
+        1 / 0  # noqa: B018

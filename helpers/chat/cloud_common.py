@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from helpers.chat.base import GenerationParams
@@ -130,3 +132,37 @@ def status_error(status: int | None, where: str, provider: str, retry_after: flo
     return ChatModelError(said, provider_message=provider)
 
 
+
+
+def network_failure(exc: BaseException) -> str | None:
+    """``"timeout"``, ``"connect"`` or None: what kind of transport failure an SDK raised (the
+    openai SDK's own classes, or httpx's / httpx2's under google-genai)."""
+    with contextlib.suppress(ImportError):
+        import openai
+
+        if isinstance(exc, openai.APITimeoutError):
+            return "timeout"
+        if isinstance(exc, openai.APIConnectionError):
+            return "connect"
+    for module in ("httpx", "httpx2"):
+        with contextlib.suppress(ImportError, AttributeError):
+            httpx = importlib.import_module(module)
+            if isinstance(exc, httpx.TimeoutException):
+                return "timeout"
+            if isinstance(exc, httpx.TransportError):
+                return "connect"
+    return None
+
+
+@contextlib.contextmanager
+def explained(provider: str, timeout: float) -> Iterator[None]:
+    """Around a notebook's own SDK calls: a timeout or a failed connection becomes an
+    UnavailableError whose message (Chinese, with the fix) says what to do; the rest passes."""
+    try:
+        yield
+    except Exception as exc:
+        kind = network_failure(exc)
+        if kind is None:
+            raise
+        waited = timeout if kind == "timeout" else None
+        raise UnavailableError(no_answer_message(provider, provider, waited)) from None
