@@ -316,7 +316,7 @@ def test_cuda_torch_with_a_driver_too_old(tmp_path: Path):
     out = result.stdout
     assert result.returncode == 1
     assert "the driver supports CUDA 12.4 at most; torch 2.13.0+cu130 needs 13.0" in out
-    assert "update the NVIDIA driver" in out
+    assert "更新 NVIDIA 驱动" in out
     # 8 GiB: Linly-7B in 4-bit, and bitsandbytes is missing (a fake one below makes it present).
     assert "Linly-7B will load in 4bit" in out
 
@@ -383,7 +383,7 @@ def test_print_problems_is_silent_when_well_and_one_line_per_problem(
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and lines[0].startswith("⚠ [proxy] http_proxy 会把发往")
     assert "would send requests for http://127.0.0.1:7871" in lines[0]
-    assert "修复 / fix: export NO_PROXY=127.0.0.1,localhost" in lines[0]
+    assert "修复：export NO_PROXY=127.0.0.1,localhost" in lines[0]
 
 
 def test_the_setup_cell_runs_the_one_liner():

@@ -91,12 +91,12 @@ def pick_model(preferences: Sequence[str], available: Sequence[str]) -> str | No
 
 
 def models_hint(available: Sequence[str]) -> str:
-    """`` This key can use: a, b, c (and N more).`` for an error message; empty if unknown."""
+    """`` 这个密钥能用：a, b, c（还有 N 个）。`` for an error message; empty if unknown."""
     if not available:
         return ""
     names = sorted(available)
-    more = f" (and {len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else ""
-    return f" This key can use: {', '.join(names[:MAX_LISTED])}{more}."
+    more = f"（还有 {len(names) - MAX_LISTED} 个）" if len(names) > MAX_LISTED else ""
+    return f" 这个密钥能用：{', '.join(names[:MAX_LISTED])}{more}。"
 
 
 def retry_after_header(headers: Any) -> float | None:
@@ -115,21 +115,29 @@ def retry_after_header(headers: Any) -> float | None:
 def status_error(status: int | None, where: str, provider: str, retry_after: float | None,
                   key_env: str | None, bad_key: bool = False,
                   available: Sequence[str] = ()) -> ChatModelError:
-    """Map an HTTP status to our exception classes; a 404 names the ``available`` models."""
+    """Map an HTTP status to our exception classes; a 404 names the ``available`` models.
+
+    The message: what it means in Chinese, then the provider's own words (``said``)."""
     said = f"{where} answered {status}: {provider.rstrip('.')}"
     if status in (401, 403) or bad_key:
         key = f" Check {key_env}." if key_env else ""
-        return AuthenticationError(f"{said}.{key}", provider_message=provider)
+        zh = f"API 密钥被拒绝（{status}），请检查 {key_env}" if key_env else f"被拒绝（{status}）"
+        return AuthenticationError(f"{zh}。 / {said}.{key}", provider_message=provider)
     if status == 429:
-        return RateLimitError(f"{said} (rate limit or quota; retries ran out)",
+        return RateLimitError(f"请求太多或额度用完了（429），重试次数已用完，请稍后再试。 / {said} "
+                              f"(rate limit or quota; retries ran out)",
                               provider_message=provider, retry_after=retry_after)
     if status is not None and (status >= 500 or status == 408):
-        return UnavailableError(f"{said} (retries ran out)", provider_message=provider,
+        return UnavailableError(f"服务商暂时出错（{status}），重试次数已用完，请稍后再试。 / {said} "
+                                f"(retries ran out)", provider_message=provider,
                                 retry_after=retry_after)
     if status is not None and 400 <= status < 500:
-        hint = f" (is the model name right?){models_hint(available)}" if status == 404 else ""
-        return BadRequestError(f"{said}{hint}", provider_message=provider)
-    return ChatModelError(said, provider_message=provider)
+        if status == 404:
+            zh = f"找不到（404）：模型名对吗？{models_hint(available)}"
+            return BadRequestError(f"{zh} / {said} (is the model name right?)",
+                                   provider_message=provider)
+        return BadRequestError(f"请求被拒绝（{status}）。 / {said}", provider_message=provider)
+    return ChatModelError(f"服务商出错。 / {said}", provider_message=provider)
 
 
 

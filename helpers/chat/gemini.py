@@ -118,9 +118,10 @@ class GeminiChat(ChatModel):
             return self.model
         chosen = pick_model(GEMINI_MODELS, available)
         if chosen is None:
-            raise BadRequestError(f"Gemini lists none of {', '.join(GEMINI_MODELS)}."
-                                  f"{models_hint(available)} Name one: gemini:MODEL")
-        log.warning("Gemini does not list %s (retired?): using %s", self.model, chosen)
+            raise BadRequestError(f"Gemini 的模型列表里没有 {', '.join(GEMINI_MODELS)} 中的任何一个。"
+                                  f"{models_hint(available)}请指定一个：gemini:模型名 / Gemini "
+                                  f"lists none of the preferred models")
+        log.warning("Gemini 的模型列表里没有 %s（已退役？），改用 %s", self.model, chosen)
         self.model = chosen
         self.name = self._fixed_name or f"gemini:{chosen}"
         self.thinking = _thinking_config(chosen, self.thinking_budget)

@@ -114,10 +114,10 @@ class OpenAIChat(ChatModel):
             chosen = available[0]  # a local server (vLLM, Ollama, dhllm) serves its own name
         if chosen is None:
             raise BadRequestError(
-                f"{self.preset.name} at {safe_url(self.base_url)} lists none of "
-                f"{', '.join(self.preset.models)}.{models_hint(available)} Name one: "
-                f"{self.preset.name}:MODEL")
-        log.warning("%s does not list %s (retired?): using %s", self.preset.name, self.model, chosen)
+                f"{self.preset.name}（{safe_url(self.base_url)}）的模型列表里没有 "
+                f"{', '.join(self.preset.models)} 中的任何一个。{models_hint(available)}"
+                f"请指定一个：{self.preset.name}:模型名 / lists none of the preset's models")
+        log.warning("%s 的模型列表里没有 %s（已退役？），改用 %s", self.preset.name, self.model, chosen)
         self.model = chosen
         self.name = self._fixed_name or f"{self.preset.name}:{chosen}"
         return chosen

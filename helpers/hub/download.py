@@ -149,6 +149,10 @@ def _download_modelscope(
 
 
 GIT_LFS_MISSING = (
+    "没有安装 git-lfs：`git clone` 只会留下约 130 字节的指针文件，不是真正的权重。先安装它："
+    "Debian/Ubuntu `sudo apt-get install git-lfs`，macOS `brew install git-lfs`，conda "
+    "`conda install -c conda-forge git-lfs`，Windows 装 Git for Windows（https://git-scm.com）时自带；"
+    "然后运行一次 `git lfs install`。或者用 source='hf'（不需要 git）。 / "
     "git-lfs is not installed, so `git clone` would leave ~130-byte pointer files instead of the "
     "weights. Install it first: Debian/Ubuntu `sudo apt-get install git-lfs`, macOS `brew install "
     "git-lfs`, conda `conda install -c conda-forge git-lfs`, Windows: it comes with Git for Windows "
