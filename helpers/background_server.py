@@ -176,11 +176,13 @@ def start_uvicorn(
                 pass
         time.sleep(0.02)
     server.should_exit = True
-    raise TimeoutError(f"the server on {url} did not answer {health_path} within {timeout:.0f} s")
+    raise TimeoutError(f"{url} 上的服务在 {timeout:.0f} 秒内没有回应 {health_path}。 / the server on "
+                       f"{url} did not answer {health_path} within {timeout:.0f} s")
 
 
 def _raise_start_failure(host: str, port: int) -> None:
     """uvicorn's thread died at start: name the port's holder if the port is taken (a race)."""
     if port_taken(host, port):
         raise PortInUseError(port_in_use_message(host, port))
-    raise RuntimeError(f"the server on {host}:{port} stopped at start; see the log above")
+    raise RuntimeError(f"{host}:{port} 上的服务启动时就退出了，原因见上面的日志。 / the server on "
+                       f"{host}:{port} stopped at start; see the log above")

@@ -67,6 +67,12 @@ def helper_messages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> dict[
         found[f"status_error {status}"] = str(status_error(
             status, "openai:gpt-6-luna at https://api.openai.com/v1", "The provider's own words.",
             None, "OPENAI_API_KEY"))
+    from helpers.hub.download import _hub_error
+
+    found["DownloadError"] = str(_hub_error(OSError("Connection refused"), "org/x",
+                                            "https://hf-mirror.com"))
+    found["DownloadError (404)"] = str(_hub_error(OSError("404 Client Error"), "org/x",
+                                                  "https://hf-mirror.com"))
     for provider in ("openai", "deepseek", "dhllm"):
         found[f"no_answer_message {provider}"] = no_answer_message(provider, provider, 60)
     findings = [doctor.check_torch(None, None), doctor.check_python((3, 9, 0), ">=3.11"),
@@ -86,7 +92,7 @@ def test_helper_messages_are_chinese_first(tmp_path: Path, capsys: pytest.Captur
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("DHLLM_OFFLINE", raising=False)
     messages = helper_messages(tmp_path, capsys)
-    assert len(messages) >= 19
+    assert len(messages) >= 21
     english = {where: english_sentences(text) for where, text in messages.items()}
     assert not {k: v for k, v in english.items() if v}, english
 
