@@ -87,7 +87,7 @@ def test_a_port_held_by_another_process_is_a_problem_naming_it():
     problem = [f for f in found if f.level == "problem"]
     assert len(problem) == 1, found
     assert f"端口 {port}（notebook 02）被别的程序占用" in problem[0].zh
-    assert f"process {holder.pid}" in problem[0].en  # who holds it, from psutil
+    assert f"进程 {holder.pid}" in problem[0].en  # who holds it, from psutil
     assert f"lsof -i :{port}" in problem[0].fix and f"findstr :{port}" in problem[0].fix
     assert [f.en for f in found if f.level == "ok"] == [f"free ports: {free}"]
     assert all(f.level != "problem" for f in doctor.check_ports({"02": port}))  # freed
