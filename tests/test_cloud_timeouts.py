@@ -145,3 +145,45 @@ def test_the_notebooks_sdk_calls_time_out_with_the_chinese_message(silent: Silen
     assert isinstance(error, UnavailableError) and "1 秒内没有回答（超时）" in str(error)
     with pytest.raises(ZeroDivisionError), explained("openai", timeout):  # others pass through
         1 / 0  # noqa: B018
+
+
+def test_notebook_04_skips_what_does_not_answer_and_says_why(silent: SilentServer,
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """Mainland China without a VPN, rehearsed: Gemini and OpenAI silent, the providers reachable
+    from China answering (the OpenAI-compatible fake). Notebook 04's probe cell, Gemini cell and
+    section-5 cell, run as written: Gemini is skipped with the reason and the advice, never
+    called; the three providers are called; the gateway's choice starts with zhipu."""
+    from tests.fakes import provider_env
+    from tests.fakes.openai_fake import start_fake_openai
+
+    cells = [c for c in json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"]
+             if c["cell_type"] == "code"]
+    source = {name: "".join(c["source"]) for name, c in zip(
+        ["setup", "probe", "own", "gemini", "openai", "calls", "providers"], cells, strict=False)}
+    assert "probe_clouds" in source["probe"] and "genai.Client" in source["gemini"]
+    assert 'for name in ["zhipu", "deepseek", "dashscope"]' in source["providers"]
+    with start_fake_openai(api_key=KEY) as china:
+        for name, value in provider_env(china, None, key=KEY).items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("GEMINI_API_KEY", KEY)
+        for name in ("GOOGLE_GEMINI_BASE_URL", "OPENAI_BASE_URL", "DHLLM_OPENAI_BASE_URL"):
+            monkeypatch.setenv(name, silent.url)
+        # What the skipped OpenAI cell would have imported (it needs the notebook's own server).
+        namespace: dict[str, Any] = {}
+        exec("from openai import OpenAI\nfrom helpers.chat import PRESETS", namespace)  # noqa: S102
+        exec(source["probe"], namespace)  # noqa: S102 - the notebook's own cells
+        reachable = namespace.get("reachable", {})
+        assert reachable.get("gemini") is False and reachable.get("openai") is False
+        for part in ("gemini", "providers"):
+            exec(source[part], namespace)  # noqa: S102
+        out = capsys.readouterr().out
+        assert "OpenAI / Gemini 连不上" in out and "HTTPS_PROXY" in out
+        assert "跳过：Gemini 连不上" in out
+        assert all(f"{name}（" in out for name in ("zhipu", "deepseek", "dashscope")), out
+        assert len(china.model_requests) == 3
+        from helpers.chat import clouds_with_keys
+
+        order = [n for n in clouds_with_keys() if namespace["reachable"].get(n)]
+        assert order[0] == "zhipu" and "gemini" not in order and "openai" not in order
