@@ -92,33 +92,33 @@ def port_holder(port: int) -> tuple[int, list[str]] | None:
 def _how_to_stop(pid: int, cmdline: list[str]) -> str:
     """How a learner stops the process ``pid``: the handle, the notebook's kernel, or kill."""
     if pid == os.getpid():
-        return ("That is this Python process: a server started earlier here (in this notebook). "
-                "Stop it with the handle its start returned (e.g. server.stop()), or restart the kernel.")
+        return ("那就是这个 Python 进程：之前在这里（这个 notebook 里）启动的服务。用启动时返回的"
+                "句柄停止它（例如 server.stop()），或者重启内核。")
     kill = f"taskkill /PID {pid} /F" if sys.platform == "win32" else f"kill {pid}"
     if any("ipykernel" in part for part in cmdline):
-        return (f"It is another notebook's Jupyter kernel: shut down that notebook's kernel "
-                f"(Kernel > Shut Down Kernel), or run {kill}.")
-    return f"Stop it with {kill}."
+        return (f"那是另一个 notebook 的 Jupyter 内核：关闭那个 notebook 的内核"
+                f"（Kernel > Shut Down Kernel），或者运行 {kill}。")
+    return f"停止它：{kill}。"
 
 
 def port_in_use_message(host: str, port: int) -> str:
     """Which process holds ``host:port``, how to stop it, or how to pick another port."""
-    text = f"port {port} on {host} is already in use"
+    text = f"{host} 的端口 {port} 已被占用"
     try:
         holder = port_holder(port)
     except Exception as exc:  # psutil missing or broken: the port message matters more
-        holder, text = None, f"{text} (psutil could not look: {exc})"
+        holder, text = None, f"{text}（psutil 查不了：{exc}）"
     if holder is None:
-        text += (" by a process that psutil cannot see (another user's, or no permission to list "
-                 "it; on Linux try: sudo ss -ltnp 'sport = :" + str(port) + "')")
+        text += ("，占用它的进程 psutil 看不到（别的用户的，或者没有权限列出；Linux 上可以试试："
+                 "sudo ss -ltnp 'sport = :" + str(port) + "'）")
         advice = ""
     else:
         pid, cmdline = holder
-        shown = " ".join(cmdline) or "command line hidden"
+        shown = " ".join(cmdline) or "命令行不可见"
         shown = shown if len(shown) <= 160 else shown[:157] + "..."
-        text += f" by process {pid} ({shown})"
-        advice = " " + _how_to_stop(pid, cmdline)
-    return f"{text}.{advice} Or pick another port, e.g. port={port + 1}."
+        text += f"，占用它的是进程 {pid}（{shown}）"
+        advice = _how_to_stop(pid, cmdline)
+    return f"{text}。{advice}或者换一个端口，例如 port={port + 1}。 / port {port} on {host} is already in use"
 
 
 def port_taken(host: str, port: int) -> bool:
@@ -176,11 +176,13 @@ def start_uvicorn(
                 pass
         time.sleep(0.02)
     server.should_exit = True
-    raise TimeoutError(f"the server on {url} did not answer {health_path} within {timeout:.0f} s")
+    raise TimeoutError(f"{url} 上的服务在 {timeout:.0f} 秒内没有回应 {health_path}。 / the server on "
+                       f"{url} did not answer {health_path} within {timeout:.0f} s")
 
 
 def _raise_start_failure(host: str, port: int) -> None:
     """uvicorn's thread died at start: name the port's holder if the port is taken (a race)."""
     if port_taken(host, port):
         raise PortInUseError(port_in_use_message(host, port))
-    raise RuntimeError(f"the server on {host}:{port} stopped at start; see the log above")
+    raise RuntimeError(f"{host}:{port} 上的服务启动时就退出了，原因见上面的日志。 / the server on "
+                       f"{host}:{port} stopped at start; see the log above")

@@ -49,6 +49,14 @@ DEFAULT_PREFIX_CACHE_MB = 256
 # with 128, ~7x with 256, ~13x with 512 (the arriving prompt's own first token: 4.1 s, 3.1 s,
 # 2.5 s, 2.5 s). 64 keeps pauses under 4x. On a GPU a chunk costs little: raise it (e.g. 512).
 DEFAULT_PREFILL_CHUNK_TOKENS = 64
+# Cloud APIs. From mainland China without a VPN, OpenAI and Gemini are not reachable (neither
+# lists China among its supported regions) and a request can wait on connect for minutes: every
+# SDK call gets these timeouts, and the notebooks probe a provider before calling it.
+# Connecting (TCP + TLS) to a reachable provider takes well under a second: 10 s means blocked.
+# An answer of a few hundred tokens takes seconds, a long one up to about a minute: 60 s.
+CLOUD_CONNECT_TIMEOUT = 10.0
+CLOUD_TIMEOUT = 60.0
+CLOUD_PROBE_TIMEOUT = 3.0  # the notebooks' reachability probe (any HTTP answer counts)
 
 
 class Settings(BaseSettings):
@@ -94,6 +102,11 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS
 
     mirror_port: int = DEFAULT_MIRROR_PORT
+
+    # Cloud APIs, in seconds (see CLOUD_* above): per request, its connect part, the probe.
+    cloud_timeout: float = Field(default=CLOUD_TIMEOUT, gt=0)
+    cloud_connect_timeout: float = Field(default=CLOUD_CONNECT_TIMEOUT, gt=0)
+    cloud_probe_timeout: float = Field(default=CLOUD_PROBE_TIMEOUT, gt=0)
 
     # vLLM (``dhllm serve --engine vllm``): its own venv's python (else .venv-vllm, else `vllm`
     # on PATH), extra command-line arguments, and its CPU KV cache in GiB (CPU builds only).

@@ -31,8 +31,8 @@ TORCH_SELECTOR = "https://pytorch.org/get-started/locally/"
 # current choices (cu126, cu128, cu130, ...).
 CUDA_TORCH = "pip install --force-reinstall torch --index-url https://download.pytorch.org/whl/cu126"
 NO_PROXY_FIX = ('export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost  '
-                '(PowerShell: $env:NO_PROXY="127.0.0.1,localhost"; notebook: '
-                'os.environ["NO_PROXY"] = "127.0.0.1,localhost")')
+                '（PowerShell：$env:NO_PROXY="127.0.0.1,localhost"；notebook 里：'
+                'os.environ["NO_PROXY"] = "127.0.0.1,localhost"）')
 HUB_TIMEOUT = 1.5  # seconds per hub, probed in parallel: a blocked hub costs one timeout
 DISK_HEADROOM = 1.1  # downloads need their size plus partial files and conversions
 
@@ -48,8 +48,8 @@ class Finding:
     fix: str = ""
 
     def line(self) -> str:
-        """One line: ``[check] 中文 / English 修复 / fix: ...``."""
-        fix = f"  修复 / fix: {self.fix}" if self.fix else ""
+        """One line: ``[check] 中文 / English 修复：...``."""
+        fix = f"  修复：{self.fix}" if self.fix else ""
         return f"[{self.check}] {self.zh} / {self.en}{fix}"
 
 
@@ -75,8 +75,8 @@ def check_python(version: tuple[int, ...] | None = None, requires: str | None = 
         return _ok("python", f"Python {shown}", f"Python {shown}")
     return Finding("python", "problem", f"Python {shown} 不满足 {requires}",
                    f"Python {shown} does not satisfy {requires}",
-                   "install Python 3.11 or 3.12 (python.org, or conda: conda env create -f "
-                   "environment.yml), then recreate .venv")
+                   "安装 Python 3.11 或 3.12（python.org，或者 conda：conda env create -f "
+                   "environment.yml），然后重建 .venv")
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def check_torch(build: TorchBuild | None, smi: Smi | None) -> Finding:
     """The torch build (CPU or CUDA) against the NVIDIA GPU that is present."""
     if build is None:
         return Finding("torch", "problem", "没有安装 torch", "torch is not installed",
-                       f'pip install -e ".[dev]" (with a GPU: the command from {TORCH_SELECTOR})')
+                       f'pip install -e ".[dev]"（有 GPU 时用 {TORCH_SELECTOR} 给出的命令）')
     gpus = smi.gpus if smi else []
     if build.available:
         name = build.gpu.name if build.gpu else "?"
@@ -149,7 +149,7 @@ def check_torch(build: TorchBuild | None, smi: Smi | None) -> Finding:
                        f"有 NVIDIA GPU（{gpus[0][0]}），但 torch {build.version} 是 CPU 版，用不了 GPU",
                        f"an NVIDIA GPU ({gpus[0][0]}) is present but torch {build.version} is a "
                        f"CPU build and cannot use it",
-                       f"{CUDA_TORCH}  (the current choices: {TORCH_SELECTOR})")
+                       f"{CUDA_TORCH}（当前可选的版本见 {TORCH_SELECTOR}）")
     if build.cuda and gpus:
         driver = smi.driver_cuda if smi else None
         if driver and _major_minor(driver) < _major_minor(build.cuda):
@@ -159,12 +159,12 @@ def check_torch(build: TorchBuild | None, smi: Smi | None) -> Finding:
             zh = f"torch {build.version}（CUDA {build.cuda}）看不到 GPU {gpus[0][0]}"
             en = f"torch {build.version} (CUDA {build.cuda}) cannot see the GPU {gpus[0][0]}"
         return Finding("torch", "problem", zh, en,
-                       f"update the NVIDIA driver, or install a torch built for an older CUDA: "
-                       f"{CUDA_TORCH}; check that CUDA_VISIBLE_DEVICES is not empty")
+                       f"更新 NVIDIA 驱动，或者安装为较老 CUDA 构建的 torch：{CUDA_TORCH}；"
+                       f"再检查 CUDA_VISIBLE_DEVICES 不是空的")
     if smi is not None and not gpus:
         return Finding("torch", "problem", "nvidia-smi 在，但没有列出 GPU（驱动出错？）",
                        "nvidia-smi is there but lists no GPU (a driver problem?)",
-                       "run nvidia-smi and read its error; reinstall or update the NVIDIA driver")
+                       "运行 nvidia-smi 看它报什么错；重装或更新 NVIDIA 驱动")
     kind = f"CUDA {build.cuda} 版" if build.cuda else "CPU 版"
     return _ok("torch", f"没有 NVIDIA GPU，torch {build.version}（{kind}）在 CPU 上运行",
                f"no NVIDIA GPU: torch {build.version} runs on the CPU")
@@ -178,7 +178,7 @@ def check_gpu_memory(gpu: Gpu | None, bitsandbytes: bool | None = None) -> list[
     from helpers.models import choose_precision, get_spec
 
     if gpu is None:
-        return [Finding("gpu", "note", "没有 CUDA GPU：notebook 用 CPU 上的小模型（Qwen2.5-0.5B，离线时用内置替身）",
+        return [Finding("gpu", "note", "没有 CUDA GPU：notebook 用 CPU 上的小模型（Qwen2.5-0.5B，离线时用内置的替代模型）",
                         "no CUDA GPU: the notebooks use a small CPU model (Qwen2.5-0.5B, or the "
                         "embedded stand-in offline); Linly-7B needs a GPU such as Colab's T4")]
     spec = get_spec("linly-7b")
@@ -208,7 +208,7 @@ def check_gpu_memory(gpu: Gpu | None, bitsandbytes: bool | None = None) -> list[
         found.append(Finding("bitsandbytes", "problem",
                              f"{chosen.quantize} 加载需要 bitsandbytes，但没有安装",
                              f"{chosen.quantize} loading needs bitsandbytes, which is not installed",
-                             'pip install "bitsandbytes>=0.43"  (in a checkout: pip install -e ".[gpu]")'))
+                             'pip install "bitsandbytes>=0.43"（在本地克隆的仓库里：pip install -e ".[gpu]"）'))
     return found
 
 
@@ -236,8 +236,8 @@ def check_disk(folder: Path, need_bytes: float, model: str) -> Finding:
                    f"{model} 要下载约 {need_bytes / 1e9:.1f} GB，{where}不够",
                    f"{model} downloads ~{need_bytes / 1e9:.1f} GB but only {free / 1e9:.1f} GB is "
                    f"free at {folder}",
-                   "free some space, or point downloads at a bigger disk: DHLLM_CACHE_DIR=/big/disk "
-                   "(Colab: a folder on Google Drive)")
+                   "腾出空间，或者把下载放到更大的磁盘上：DHLLM_CACHE_DIR=/big/disk"
+                   "（Colab：Google Drive 上的一个文件夹）")
 
 
 def check_chosen_model_disk(online: bool) -> Finding:
@@ -295,7 +295,7 @@ def check_hubs(hubs: list[tuple[str, str]] | None = None, timeout: float = HUB_T
     from helpers.hub import hub_reachable
 
     if _offline():
-        return [Finding("hubs", "note", "已设置离线（DHLLM_OFFLINE / HF_HUB_OFFLINE），不检查模型库",
+        return [Finding("hubs", "note", "已设置离线（DHLLM_OFFLINE / HF_HUB_OFFLINE），不检查模型托管平台",
                         "offline is set (DHLLM_OFFLINE / HF_HUB_OFFLINE): hubs not probed")]
     hubs = hubs or default_hubs()
     with ThreadPoolExecutor(len(hubs)) as pool:
@@ -303,18 +303,86 @@ def check_hubs(hubs: list[tuple[str, str]] | None = None, timeout: float = HUB_T
     up = [label for (label, _), ok in zip(hubs, answers, strict=True) if ok]
     down = [f"{label} ({url})" for (label, url), ok in zip(hubs, answers, strict=True) if not ok]
     if not up:
-        return [Finding("hubs", "problem", f"哪个模型库都连不上：{', '.join(down)}",
+        return [Finding("hubs", "problem", f"哪个模型托管平台都连不上：{', '.join(down)}",
                         f"no hub answers: {', '.join(down)}",
-                        "check the network and proxy; in a classroom: HF_ENDPOINT=http://TEACHER:8090; "
-                        "or DHLLM_OFFLINE=1 to use what is on disk (the embedded stand-in)")]
+                        "检查网络和代理；在教室里：HF_ENDPOINT=http://老师的电脑:8090；"
+                        "或者 DHLLM_OFFLINE=1，只用本机已有的模型（内置的替代模型）")]
     found = [_ok("hubs", f"能连上：{', '.join(up)}", f"answering: {', '.join(up)}")]
     if hubs[0][0] not in up and "hf-mirror" in up:
         found.append(Finding("hubs", "problem", f"{hubs[0][1]} 连不上，hf-mirror 可以",
                              f"{hubs[0][1]} does not answer, hf-mirror does",
-                             "export HF_ENDPOINT=https://hf-mirror.com before starting Python or "
-                             "Jupyter (PowerShell: $env:HF_ENDPOINT=\"https://hf-mirror.com\")"))
+                             "在启动 Python 或 Jupyter 之前 export HF_ENDPOINT=https://hf-mirror.com"
+                             "（PowerShell：$env:HF_ENDPOINT=\"https://hf-mirror.com\"）"))
     elif down:
         found.append(Finding("hubs", "note", f"连不上：{', '.join(down)}", f"not answering: {', '.join(down)}"))
+    return found
+
+
+# ---------------------------------------------------------------- cloud APIs
+
+GEMINI_URL = "https://generativelanguage.googleapis.com"
+OPENAI_URL = "https://api.openai.com/v1"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def cloud_url(name: str) -> str:
+    """Where provider ``name`` (gemini or a preset) is called: its base-URL variable, else its
+    default; the same variables the backends and the SDKs read."""
+    from helpers.chat.presets import get_preset
+
+    if name == "gemini":
+        return os.environ.get("GOOGLE_GEMINI_BASE_URL") or GEMINI_URL
+    preset = get_preset(name)
+    sdk_default = os.environ.get("OPENAI_BASE_URL") if name == "openai" else None
+    return os.environ.get(preset.base_url_env) or sdk_default or preset.base_url or OPENAI_URL
+
+
+def probe_clouds(names: list[str], timeout: float | None = None) -> dict[str, bool | None]:
+    """Which providers answer HTTP within ``timeout`` s (DHLLM_CLOUD_PROBE_TIMEOUT), probed in
+    parallel like the hubs: True, False, or None when offline is set (DHLLM_OFFLINE /
+    HF_HUB_OFFLINE) and the address is not this machine's, so it was not probed."""
+    from urllib.parse import urlparse
+
+    from helpers.hub import hub_reachable
+
+    timeout = get_settings().cloud_probe_timeout if timeout is None else timeout
+    urls = {name: cloud_url(name) for name in names}
+    probed = {name: url for name, url in urls.items()
+              if not _offline() or urlparse(url).hostname in LOOPBACK}
+    with ThreadPoolExecutor(max(len(probed), 1)) as pool:
+        answers = dict(zip(probed, pool.map(lambda u: hub_reachable(u, timeout=timeout),
+                                            probed.values()), strict=True))
+    return {name: answers.get(name) for name in names}
+
+
+def check_clouds(timeout: float | None = None) -> list[Finding]:
+    """The cloud providers whose API key is set: which answer; OpenAI or Gemini not answering
+    (mainland China without a VPN) is a problem with the way out."""
+    from helpers.chat import clouds_with_keys
+    from helpers.chat.cloud_common import BLOCKED_IN_CHINA, REACHABLE_FROM_CHINA
+
+    answers = probe_clouds(clouds_with_keys(), timeout)
+    if not answers:
+        return []
+    up = [name for name, ok in answers.items() if ok]
+    down = [name for name, ok in answers.items() if ok is False]
+    found = [_ok("clouds", f"设置了密钥、能连上的服务商：{', '.join(up) or '无'}",
+                 f"cloud providers with a key that answer: {', '.join(up) or 'none'}")]
+    if None in answers.values():
+        found.append(Finding("clouds", "note", "已设置离线（DHLLM_OFFLINE），不检查云端服务商",
+                             "offline is set: cloud providers not probed"))
+    blocked = [name for name in down if name in BLOCKED_IN_CHINA]
+    if blocked:
+        found.append(Finding(
+            "clouds", "problem", f"{', '.join(blocked)} 连不上（在中国大陆不开 VPN 时就是这样）",
+            f"{', '.join(blocked)} does not answer (as from mainland China without a VPN)",
+            f"改用国内可以直接访问的服务商（{', '.join(REACHABLE_FROM_CHINA)}，设置它的 API 密钥），"
+            f"或者在启动 Jupyter 之前设置代理：export HTTPS_PROXY=http://127.0.0.1:<代理端口>"))
+    others = [name for name in down if name not in BLOCKED_IN_CHINA]
+    if others:
+        found.append(Finding("clouds", "problem", f"{', '.join(others)} 连不上",
+                             f"{', '.join(others)} does not answer",
+                             "检查网络、代理（HTTPS_PROXY）和 DHLLM_<服务商>_BASE_URL"))
     return found
 
 
@@ -339,8 +407,8 @@ def check_ports(ports: dict[str, int] | None = None) -> list[Finding]:
         else:
             found.append(Finding("ports", "problem", f"端口 {port}（notebook {owner}）被别的程序占用",
                                  port_in_use_message("127.0.0.1", port),
-                                 f"stop that program (lsof -i :{port}; Windows: netstat -ano | "
-                                 f"findstr :{port}), or use another port"))
+                                 f"停掉那个程序（lsof -i :{port}；Windows：netstat -ano | "
+                                 f"findstr :{port}），或者换一个端口"))
     if free:
         found.insert(0, _ok("ports", f"端口空闲：{', '.join(map(str, free))}",
                             f"free ports: {', '.join(map(str, free))}"))
@@ -360,15 +428,16 @@ def check_colab(colab: bool, cuda: bool) -> list[Finding]:
         return []
     found = [Finding("colab", "note",
                      "Colab：每个 notebook 是一个新的运行时，Linly-7B（约 13.5 GB）每次都要重新下载；"
-                     "可以放在 Google Drive 上",
+                     "可以放在 Google Drive 上：drive.mount('/content/drive') 并设置 "
+                     "DHLLM_CACHE_DIR=/content/drive/MyDrive/dhllm",
                      "Colab: each notebook gets a fresh runtime and downloads Linly-7B (~13.5 GB) "
                      "again; keep models on Google Drive: drive.mount('/content/drive') and "
                      "DHLLM_CACHE_DIR=/content/drive/MyDrive/dhllm")]
     if not cuda:
         found.insert(0, Finding("colab", "problem", "Colab 运行时没有 GPU",
                                 "this Colab runtime has no GPU",
-                                "代码执行程序 → 更改运行时类型 → T4 GPU / Runtime → Change runtime "
-                                "type → T4 GPU, then run the notebook again"))
+                                "代码执行程序 → 更改运行时类型 → T4 GPU（Runtime → Change runtime "
+                                "type → T4 GPU），然后重新运行 notebook"))
     return found
 
 
@@ -399,7 +468,8 @@ def run_checks(hubs: bool = True) -> list[Finding]:
     nothing_up = any(f.level == "problem" and f.en.startswith("no hub") for f in hub_found)
     online = not (_offline() or nothing_up)
     found += _guarded("disk", lambda: check_chosen_model_disk(online))
-    found += _guarded("proxy", check_proxies) + hub_found + _guarded("ports", check_ports)
+    found += _guarded("proxy", check_proxies) + hub_found
+    found += (_guarded("clouds", check_clouds) if hubs else []) + _guarded("ports", check_ports)
     found += _guarded("colab", lambda: check_colab(is_colab(), bool(build and build.available)))
     return found
 
@@ -412,7 +482,7 @@ def report(findings: list[Finding]) -> str:
         lines.append(f"{marks[f.level]} [{f.check}] {f.zh}")
         lines.append(f"    {f.en}")
         if f.fix:
-            lines.append(f"    修复 / fix: {f.fix}")
+            lines.append(f"    修复：{f.fix}")
     problems = sum(f.level == "problem" for f in findings)
     lines.append(f"{problems} 个问题 / {problems} problem(s)" if problems
                  else "没有发现问题 / no problems found")

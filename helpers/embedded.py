@@ -95,7 +95,7 @@ def embedded_model_dir(verbose: bool = True) -> Path:
         if not is_converted(target):
             if verbose:
                 print(
-                    f"converting the embedded model to safetensors in {target} (once, ~15 s)",
+                    f"正在把内置模型转换成 safetensors，存到 {target}（只做一次，约 15 秒）",
                     file=sys.stderr,
                 )
             convert(gguf_path(), target)

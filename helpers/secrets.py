@@ -37,7 +37,12 @@ class MissingSecretError(AuthenticationError):
         provider, url = KEY_SOURCES.get(name, (None, None))
         needed = f" (needed for {purpose or provider})" if (purpose or provider) else ""
         where = f"Get a key at {url}, then set it" if url else "Set it"
+        zh_for = f"（{purpose or provider} 需要它）" if (purpose or provider) else ""
+        zh_get = f"先到 {url} 申请，然后" if url else ""
         message = (
+            f"没有设置 API 密钥 {name}{zh_for}。{zh_get}在启动 Python 或 Jupyter 的终端里设置环境变量"
+            f"（export {name}=...），或者在 Colab 左侧栏的钥匙图标里添加名为 {name} 的密钥并打开 "
+            f"notebook 访问权限。不要把密钥粘贴进 notebook 的单元格：它会随 notebook 一起保存。 / "
             f"{name} is not set{needed}. {hint + ' ' if hint else ''}{where} either as an "
             f"environment variable in the shell that starts Python or Jupyter "
             f"(export {name}=...), or on Colab as a secret: the key icon in the left sidebar, "

@@ -181,7 +181,7 @@ def test_a_retired_gemini_default_falls_back_and_a_404_names_the_usable_models(
         with caplog.at_level(logging.WARNING, logger="helpers.chat.gemini"):
             assert chat.chat([{"role": "user", "content": "hi"}]).startswith("echo: hi")
         assert chat.model == second and f"models/{second}:generateContent" in server.model_requests[0].path
-        assert f"does not list {first}" in caplog.text
+        assert f"模型列表里没有 {first}" in caplog.text
         named = GeminiChat("gemini-gone", api_key=KEY, base_url=server.url, timeout=10.0)
-        with pytest.raises(BadRequestError, match=f"This key can use: {second}, gemini-other."):
+        with pytest.raises(BadRequestError, match=f"这个密钥能用：{second}, gemini-other。"):
             named.chat([{"role": "user", "content": "hi"}])

@@ -223,7 +223,7 @@ def test_a_retired_default_falls_back_along_the_preference_list_and_says_so(
     [request] = retired.model_requests
     assert request.json["model"] == second and chat.model == second
     assert chat.name == f"openai:{second}"
-    assert f"does not list {first}" in caplog.text and f"using {second}" in caplog.text
+    assert f"模型列表里没有 {first}" in caplog.text and f"改用 {second}" in caplog.text
     chat.chat([{"role": "user", "content": "again"}])  # the list is asked once
     assert [r.path for r in retired.requests].count("/v1/models") == 1
 
@@ -235,14 +235,14 @@ def test_a_model_name_given_is_used_as_is_and_its_404_names_the_usable_models(
         chat.chat([{"role": "user", "content": "hi"}])
     text = str(caught.value)
     assert "404" in text and "gpt-4o-mini-retired" in text
-    assert f"This key can use: {PRESETS['openai'].models[1]}, some-other-model." in text
+    assert f"这个密钥能用：{PRESETS['openai'].models[1]}, some-other-model。" in text
 
 
 def test_no_preferred_model_listed_names_the_usable_ones_before_any_chat_request() -> None:
     with start_fake_openai(api_key=KEY, models=["only-this-one"]) as server:
         chat = get_chat_model("openai", api_key=KEY, base_url=server.base_url, timeout=10.0)
-        with pytest.raises(BadRequestError, match="This key can use: only-this-one. Name one: "
-                                                  "openai:MODEL"):
+        with pytest.raises(BadRequestError, match="这个密钥能用：only-this-one。请指定一个："
+                                                  "openai:模型名"):
             chat.chat([{"role": "user", "content": "hi"}])
         assert server.model_requests == []
 
@@ -266,5 +266,5 @@ def test_dhllm_chat_with_a_bare_provider_follows_the_same_rule(retired: FakeServ
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "echo: hi" in done.stdout
-    assert f"using {PRESETS['openai'].models[1]}" in done.stderr
+    assert f"改用 {PRESETS['openai'].models[1]}" in done.stderr
     assert retired.model_requests[0].json["model"] == PRESETS["openai"].models[1]

@@ -191,6 +191,22 @@ def test_notebooks_use_no_file_of_the_checkout() -> None:
                     f"{name} reaches outside its folder:\n{cell.source}"
 
 
+def test_the_setup_cell_pulls_no_jupyterlab_nor_test_tools(colab_venv: ColabVenv) -> None:
+    """Issue 23: what the setup cell installed asks for no jupyterlab, nbval or test tool (they
+    would upgrade Colab's own Jupyter under the running kernel): read from the installed
+    package's metadata in the fresh venv, every such requirement carries an ``extra`` marker."""
+    script = ("import importlib.metadata as m, json; "
+              "print(json.dumps(m.requires('dhllm') or []))")
+    requires = json.loads(subprocess.run(
+        [str(colab_venv.python), "-c", script], env=colab_venv.env, check=True,
+        capture_output=True, text=True).stdout)
+    unconditional = {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower()
+                     for r in requires if "extra ==" not in r}
+    assert "openai" in unconditional  # the metadata is there and lists the base dependencies
+    assert not unconditional & {"jupyterlab", "nbval", "pytest", "ruff", "playwright"}, requires
+    assert any(r.startswith("jupyterlab") and 'extra == "lab"' in r for r in requires), requires
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_imports_like_on_colab(name: str, colab_venv: ColabVenv,
                                         tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -87,7 +87,7 @@ def test_a_port_held_by_another_process_is_a_problem_naming_it():
     problem = [f for f in found if f.level == "problem"]
     assert len(problem) == 1, found
     assert f"端口 {port}（notebook 02）被别的程序占用" in problem[0].zh
-    assert f"process {holder.pid}" in problem[0].en  # who holds it, from psutil
+    assert f"进程 {holder.pid}" in problem[0].en  # who holds it, from psutil
     assert f"lsof -i :{port}" in problem[0].fix and f"findstr :{port}" in problem[0].fix
     assert [f.en for f in found if f.level == "ok"] == [f"free ports: {free}"]
     assert all(f.level != "problem" for f in doctor.check_ports({"02": port}))  # freed
@@ -165,6 +165,45 @@ def test_hubs_that_answer_and_hubs_that_do_not(monkeypatch: pytest.MonkeyPatch, 
     assert [f.level for f in found] == ["problem"]
     assert found[0].en == f"no hub answers: HF_ENDPOINT ({closed})"
     assert "DHLLM_OFFLINE=1" in found[0].fix
+
+
+# ---------------------------------------------------------------- cloud providers
+
+CLOUD_VARS = ["GEMINI_API_KEY", "GOOGLE_API_KEY", "OPENAI_API_KEY", "ZHIPUAI_API_KEY",
+              "DEEPSEEK_API_KEY", "DASHSCOPE_API_KEY", "MOONSHOT_API_KEY", "OPENAI_BASE_URL",
+              "GOOGLE_GEMINI_BASE_URL", "DHLLM_OPENAI_BASE_URL", "DHLLM_DEEPSEEK_BASE_URL",
+              "DHLLM_OFFLINE", "HF_HUB_OFFLINE"]
+
+
+def test_clouds_that_answer_and_a_gemini_that_does_not(monkeypatch: pytest.MonkeyPatch,
+                                                        no_proxies: None):
+    """Issue 23: with a Gemini key set and Gemini silent (mainland China without a VPN), the
+    doctor says so in Chinese and names the providers that answer from China; DHLLM_OFFLINE
+    leaves other machines unprobed but still probes this one."""
+    from tests.fakes import SilentServer
+
+    for name in CLOUD_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GEMINI_API_KEY", "g-key")
+    monkeypatch.setenv("DEEPSEEK_API_KEY", "d-key")
+    with SilentServer() as silent, http_server(status=404) as deepseek:
+        monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", silent.url)
+        monkeypatch.setenv("DHLLM_DEEPSEEK_BASE_URL", url_of(deepseek))
+        assert doctor.probe_clouds(["gemini", "deepseek"], timeout=1) == {
+            "gemini": False, "deepseek": True}
+        found = doctor.check_clouds(timeout=1)
+        assert [f.level for f in found] == ["ok", "problem"]
+        assert "deepseek" in found[0].zh
+        assert "gemini 连不上" in found[1].zh and "VPN" in found[1].zh
+        assert "deepseek, zhipu, dashscope" in found[1].fix and "HTTPS_PROXY" in found[1].fix
+        assert silent.connections == 2
+
+        monkeypatch.setenv("DHLLM_OFFLINE", "1")
+        monkeypatch.setenv("OPENAI_API_KEY", "o-key")  # api.openai.com: not probed offline
+        assert doctor.probe_clouds(["gemini", "openai", "deepseek"], timeout=1) == {
+            "gemini": False, "openai": None, "deepseek": True}
+    assert doctor.cloud_url("openai") == "https://api.openai.com/v1"
+    assert doctor.cloud_url("zhipu") == "https://open.bigmodel.cn/api/paas/v4/"
 
 
 # ---------------------------------------------------------------- Python, disk, GPU memory
@@ -277,7 +316,7 @@ def test_cuda_torch_with_a_driver_too_old(tmp_path: Path):
     out = result.stdout
     assert result.returncode == 1
     assert "the driver supports CUDA 12.4 at most; torch 2.13.0+cu130 needs 13.0" in out
-    assert "update the NVIDIA driver" in out
+    assert "更新 NVIDIA 驱动" in out
     # 8 GiB: Linly-7B in 4-bit, and bitsandbytes is missing (a fake one below makes it present).
     assert "Linly-7B will load in 4bit" in out
 
@@ -344,7 +383,7 @@ def test_print_problems_is_silent_when_well_and_one_line_per_problem(
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and lines[0].startswith("⚠ [proxy] http_proxy 会把发往")
     assert "would send requests for http://127.0.0.1:7871" in lines[0]
-    assert "修复 / fix: export NO_PROXY=127.0.0.1,localhost" in lines[0]
+    assert "修复：export NO_PROXY=127.0.0.1,localhost" in lines[0]
 
 
 def test_the_setup_cell_runs_the_one_liner():

@@ -87,14 +87,14 @@ def test_cpu_placement_is_float32_and_overrides_work():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     auto = choose_placement()
-    assert (auto.device, auto.dtype) == ("cpu", torch.float32) and "no CUDA" in auto.reason
+    assert (auto.device, auto.dtype) == ("cpu", torch.float32) and "没有 CUDA" in auto.reason
     assert choose_placement("cpu", "bfloat16").dtype == torch.bfloat16
 
 
 def test_choose_model_falls_back_without_a_gpu_and_honours_the_override(no_gpu, capsys):
     assert choose_model("linly-7b", online=False).name == "embedded"
     out = capsys.readouterr().out
-    assert "没有 CUDA GPU" in out and "替身" in out and "只会英文" in out and "linly-7b" in out
+    assert "没有 CUDA GPU" in out and "替代模型" in out and "只会英文" in out and "linly-7b" in out
     no_gpu.setenv("DHLLM_MODEL", "qwen2.5-1.5b-instruct")
     assert choose_model("linly-7b", online=False).name == "qwen2.5-1.5b-instruct"
 
@@ -182,7 +182,7 @@ def test_no_gpu_offline_picks_the_embedded_stand_in_without_probing(no_gpu, caps
     no_gpu.setenv("DHLLM_OFFLINE", "1")
     choice = choose_model("linly-7b")
     assert (choice.name, choice.device) == ("embedded", "cpu")
-    assert "替身" in capsys.readouterr().out
+    assert "替代模型" in capsys.readouterr().out
 
 
 def test_quantize_and_model_overrides(isolated):
@@ -241,7 +241,7 @@ def test_a_gpu_loads_linly_from_models_folder_offline_and_says_so_when_it_is_mis
 def test_describe_environment_names_the_model_without_printing(isolated, capsys):
     fake_gpu(isolated, *GPUS["T4"])
     text = describe_environment(online=True)
-    assert "Tesla T4" in text and "choose_model('linly-7b') -> linly-7b, float16, ~14.4 GiB GPU" in text
+    assert "Tesla T4" in text and "choose_model('linly-7b') 选择 -> linly-7b, float16, 约 14.4 GiB 显存" in text
     assert len(text.splitlines()) == 2 and capsys.readouterr().out == ""
 
 

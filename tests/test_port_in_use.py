@@ -49,7 +49,7 @@ def test_busy_port_names_the_holder_and_how_to_stop_it(held_port):
     with pytest.raises(PortInUseError) as info:
         start_uvicorn(health_app(), port=port)
     message = str(info.value)
-    assert f"process {pid} (" in message and "socket" in message  # its command line
+    assert f"进程 {pid}（" in message and "socket" in message  # its command line
     assert (f"taskkill /PID {pid} /F" if sys.platform == "win32" else f"kill {pid}") in message
     assert f"port={port + 1}" in message and "stop()" not in message  # no handle they lack
 
@@ -61,7 +61,7 @@ def test_a_port_held_by_this_process_points_at_its_own_handle():
         message = port_in_use_message("127.0.0.1", port)
     finally:
         handle.stop()
-    assert f"process {os.getpid()}" in message and "server.stop()" in message
+    assert f"进程 {os.getpid()}" in message and "server.stop()" in message
     assert f"kill {os.getpid()}" not in message  # never tell a notebook to kill its own kernel
 
 
@@ -69,21 +69,21 @@ def test_a_jupyter_kernel_holder_is_told_to_shut_down_that_kernel(monkeypatch):
     kernel = ["python", "-m", "ipykernel_launcher", "-f", "kernel-1.json"]
     monkeypatch.setattr(background_server, "port_holder", lambda port: (4242, kernel))
     message = port_in_use_message("127.0.0.1", 7871)
-    assert "process 4242 (python -m ipykernel_launcher" in message
-    assert "shut down that notebook's kernel" in message
+    assert "进程 4242（python -m ipykernel_launcher" in message
+    assert "关闭那个 notebook 的内核" in message
 
 
 def test_an_invisible_holder_is_said_plainly(monkeypatch):
     monkeypatch.setattr(background_server, "port_holder", lambda port: None)
     message = port_in_use_message("127.0.0.1", 7871)
-    assert "psutil cannot see" in message and "port=7872" in message and "stop()" not in message
+    assert "psutil 看不到" in message and "port=7872" in message and "stop()" not in message
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # its sys.exit
 def test_uvicorn_dying_at_start_gives_the_same_message(held_port, monkeypatch):
     port, pid = held_port
     monkeypatch.setattr(background_server, "ensure_port_free", lambda host, port: None)  # let uvicorn try
-    with pytest.raises(PortInUseError, match=f"process {pid} "):
+    with pytest.raises(PortInUseError, match=f"进程 {pid}（"):
         start_uvicorn(health_app(), port=port, log_level="critical")
 
 

@@ -17,6 +17,7 @@ from helpers.chat.base import (
     TokenBatchable,
     validate_messages,
 )
+from helpers.chat.cloud_common import explained
 from helpers.chat.decoding import IncrementalDecoder, StopMatcher
 from helpers.chat.gemini import GeminiChat
 from helpers.chat.local import TransformersChat
@@ -74,6 +75,7 @@ __all__ = [
     "get_chat_model",
     "get_cloud_model",
     "clouds_with_keys",
+    "explained",
     "get_preset",
     "history_to_messages",
     "is_linly_prompt",

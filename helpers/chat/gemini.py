@@ -21,9 +21,10 @@ from typing import Any
 from helpers.chat.base import ChatModel, GenerationParams, Message, validate_messages
 from helpers.chat.cloud_common import (
     DEFAULT_MAX_RETRIES,
-    DEFAULT_TIMEOUT,
     MAX_RETRY_AFTER,
+    cloud_timeouts,
     models_hint,
+    no_answer_message,
     pick_model,
     retry_after_header,
     safe_url,
@@ -54,7 +55,7 @@ class GeminiChat(ChatModel):
         model: str | None = None,
         api_key: str | None = None,
         base_url: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: float | None = None,
         max_retries: int = DEFAULT_MAX_RETRIES,
         name: str | None = None,
         api_version: str | None = None,
@@ -69,14 +70,15 @@ class GeminiChat(ChatModel):
         self._fixed_name = name
         self.thinking_budget = thinking_budget
         self.name = name or f"gemini:{self.model}"
-        self.timeout = timeout
+        # None: DHLLM_CLOUD_TIMEOUT. google-genai takes one timeout for connect and read alike.
+        self.timeout, _ = cloud_timeouts(timeout)
         self.max_retries = max_retries
         self.thinking = _thinking_config(self.model, thinking_budget)
         key = api_key or self._key_from_secrets()  # raises MissingSecretError before any request
         self._secrets = (key,)
         self._warned: set[str] = set()
         http_options = types.HttpOptions(
-            timeout=int(timeout * 1000),  # milliseconds
+            timeout=int(self.timeout * 1000),  # milliseconds (HttpOptions' own docstring)
             # No base_url unless given: an explicit one would override GOOGLE_GEMINI_BASE_URL.
             **({"base_url": base_url} if base_url else {}),
             **({"api_version": api_version} if api_version else {}),
@@ -116,9 +118,10 @@ class GeminiChat(ChatModel):
             return self.model
         chosen = pick_model(GEMINI_MODELS, available)
         if chosen is None:
-            raise BadRequestError(f"Gemini lists none of {', '.join(GEMINI_MODELS)}."
-                                  f"{models_hint(available)} Name one: gemini:MODEL")
-        log.warning("Gemini does not list %s (retired?): using %s", self.model, chosen)
+            raise BadRequestError(f"Gemini 的模型列表里没有 {', '.join(GEMINI_MODELS)} 中的任何一个。"
+                                  f"{models_hint(available)}请指定一个：gemini:模型名 / Gemini "
+                                  f"lists none of the preferred models")
+        log.warning("Gemini 的模型列表里没有 %s（已退役？），改用 %s", self.model, chosen)
         self.model = chosen
         self.name = self._fixed_name or f"gemini:{chosen}"
         self.thinking = _thinking_config(chosen, self.thinking_budget)
@@ -196,10 +199,8 @@ class GeminiChat(ChatModel):
 
         where = f"{self.name}" + (f" at {safe_url(self.base_url)}" if self.base_url else "")
         if isinstance(exc, _transport_errors()):
-            if "timeout" in type(exc).__name__.lower():
-                return UnavailableError(f"{where}: no answer within {self.timeout:g} s (timeout)")
-            return UnavailableError(f"{where}: cannot connect ({type(exc).__name__}); is the "
-                                    f"base URL right?")
+            waited = self.timeout if "timeout" in type(exc).__name__.lower() else None
+            return UnavailableError(no_answer_message(where, "gemini", waited))
         if not isinstance(exc, errors.APIError):
             return exc
         provider = redact(str(exc.message or exc.status or ""), *self._secrets)

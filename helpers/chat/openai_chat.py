@@ -19,8 +19,9 @@ from typing import Any
 from helpers.chat.base import ChatModel, GenerationParams, Message, validate_messages
 from helpers.chat.cloud_common import (
     DEFAULT_MAX_RETRIES,
-    DEFAULT_TIMEOUT,
+    cloud_timeouts,
     models_hint,
+    no_answer_message,
     pick_model,
     retry_after_header,
     safe_url,
@@ -48,7 +49,7 @@ class OpenAIChat(ChatModel):
         model: str | None = None,
         api_key: str | None = None,
         base_url: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: float | None = None,
         max_retries: int = DEFAULT_MAX_RETRIES,
         name: str | None = None,
         preset: str | Preset = "openai",
@@ -63,14 +64,15 @@ class OpenAIChat(ChatModel):
         self.name = name or f"{self.preset.name}:{self.model}"
         # Explicit > DHLLM_<PRESET>_BASE_URL > preset default (None: the SDK reads OPENAI_BASE_URL).
         self.base_url = base_url or os.environ.get(self.preset.base_url_env) or self.preset.base_url
-        self.timeout = timeout
+        # None: DHLLM_CLOUD_TIMEOUT. A short connect part: a blocked host fails in seconds.
+        self.timeout, connect = cloud_timeouts(timeout)
         key = api_key or self._key_from_secrets()  # raises MissingSecretError before any request
         self._secrets = (key,)
         self._warned: set[str] = set()
         self.client = openai.OpenAI(
             api_key=key,
             base_url=self.base_url,
-            timeout=timeout,
+            timeout=openai.Timeout(self.timeout, connect=connect),  # the SDK's own httpx
             max_retries=max_retries,  # the SDK backs off exponentially and honours Retry-After
             **client_options,
         )
@@ -112,10 +114,10 @@ class OpenAIChat(ChatModel):
             chosen = available[0]  # a local server (vLLM, Ollama, dhllm) serves its own name
         if chosen is None:
             raise BadRequestError(
-                f"{self.preset.name} at {safe_url(self.base_url)} lists none of "
-                f"{', '.join(self.preset.models)}.{models_hint(available)} Name one: "
-                f"{self.preset.name}:MODEL")
-        log.warning("%s does not list %s (retired?): using %s", self.preset.name, self.model, chosen)
+                f"{self.preset.name}（{safe_url(self.base_url)}）的模型列表里没有 "
+                f"{', '.join(self.preset.models)} 中的任何一个。{models_hint(available)}"
+                f"请指定一个：{self.preset.name}:模型名 / lists none of the preset's models")
+        log.warning("%s 的模型列表里没有 %s（已退役？），改用 %s", self.preset.name, self.model, chosen)
         self.model = chosen
         self.name = self._fixed_name or f"{self.preset.name}:{chosen}"
         return chosen
@@ -177,11 +179,9 @@ class OpenAIChat(ChatModel):
         import openai
 
         where = f"{self.name} at {safe_url(self.base_url)}"
-        if isinstance(exc, openai.APITimeoutError):
-            return UnavailableError(f"{where}: no answer within {self.timeout:g} s (timeout)")
-        if isinstance(exc, openai.APIConnectionError):
-            return UnavailableError(f"{where}: cannot connect; is the server running and the "
-                                    f"base URL right?")
+        if isinstance(exc, openai.APIConnectionError):  # APITimeoutError is one too
+            waited = self.timeout if isinstance(exc, openai.APITimeoutError) else None
+            return UnavailableError(no_answer_message(where, self.preset.name, waited))
         if not isinstance(exc, openai.APIError):
             return exc  # a bug or a ValueError of ours: not the provider's fault
         body = exc.body

@@ -33,16 +33,17 @@ class Preset:
         return f"DHLLM_{self.name.upper()}_BASE_URL"
 
 
-# Names retire (gpt-4o-mini shuts down on 2027-01-14, replacement gpt-6-luna:
-# https://developers.openai.com/api/docs/deprecations; deepseek-chat / deepseek-reasoner are
-# deprecated from 2026-07-24: https://api-docs.deepseek.com/). So each default is a preference
-# list, checked against the provider's models.list() before the first request.
+# Names retire. As of 2026-12: gpt-4o-mini shuts down on 2027-01-14, replacement gpt-6-luna
+# (https://developers.openai.com/api/docs/deprecations); deepseek-chat / deepseek-reasoner stopped
+# answering after 2026-07-24 (https://api-docs.deepseek.com/news/news260424), and DeepSeek's docs
+# now name deepseek-flash, still accepting deepseek-v4-flash (https://api-docs.deepseek.com/).
+# So each default is a preference list, checked against the provider's models.list() first.
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
         Preset("openai", None, ("gpt-6-luna", "gpt-5.6-luna", "gpt-4o-mini"), "OPENAI_API_KEY",
                key_url="https://platform.openai.com/api-keys", note="ChatGPT"),
-        Preset("deepseek", "https://api.deepseek.com", ("deepseek-v4-flash", "deepseek-chat"),
+        Preset("deepseek", "https://api.deepseek.com", ("deepseek-flash", "deepseek-v4-flash"),
                "DEEPSEEK_API_KEY", key_url="https://platform.deepseek.com/api_keys"),
         Preset("zhipu", "https://open.bigmodel.cn/api/paas/v4/", ("glm-4-flash",), "ZHIPUAI_API_KEY",
                key_url="https://open.bigmodel.cn/usercenter/apikeys",

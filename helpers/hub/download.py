@@ -60,12 +60,14 @@ def _hub_error(exc: Exception, hub_id: str, base: str) -> DownloadError:
     name = type(exc).__name__
     if "NotFound" in name or "404" in text:
         return DownloadError(
-            f"{hub_id} was not found on {base} ({text}). Check the id; ModelScope ids differ from "
-            f"Hugging Face ids (e.g. qwen/Qwen-1_8B-Chat vs Qwen/Qwen-1_8B-Chat)."
+            f"{base} 上找不到 {hub_id}。检查模型 id：ModelScope 的 id 和 Hugging Face 的可能不同"
+            f"（例如 qwen/Qwen-1_8B-Chat 与 Qwen/Qwen-1_8B-Chat）。 / {hub_id} was not found on "
+            f"{base} ({text})"
         )
     return DownloadError(
-        f"cannot download {hub_id} from {base}: {name}: {text}. If the hub is unreachable, try "
-        f"source='hf-mirror' or 'modelscope', or a local mirror (dhllm mirror serve)."
+        f"无法从 {base} 下载 {hub_id}。连不上这个模型托管平台时，试试 source='hf-mirror' 或 "
+        f"'modelscope'，或者本地镜像（dhllm mirror serve）。 / cannot download {hub_id} from "
+        f"{base}: {name}: {text}"
     )
 
 
@@ -149,6 +151,10 @@ def _download_modelscope(
 
 
 GIT_LFS_MISSING = (
+    "没有安装 git-lfs：`git clone` 只会留下约 130 字节的指针文件，不是真正的权重。先安装它："
+    "Debian/Ubuntu `sudo apt-get install git-lfs`，macOS `brew install git-lfs`，conda "
+    "`conda install -c conda-forge git-lfs`，Windows 装 Git for Windows（https://git-scm.com）时自带；"
+    "然后运行一次 `git lfs install`。或者用 source='hf'（不需要 git）。 / "
     "git-lfs is not installed, so `git clone` would leave ~130-byte pointer files instead of the "
     "weights. Install it first: Debian/Ubuntu `sudo apt-get install git-lfs`, macOS `brew install "
     "git-lfs`, conda `conda install -c conda-forge git-lfs`, Windows: it comes with Git for Windows "
@@ -169,14 +175,15 @@ def git_lfs_available() -> bool:
 
 def _download_git(hub_id: str, local_dir: Path, revision: str | None, base: str) -> None:
     if shutil.which("git") is None:
-        raise DownloadError("git is not installed; use source='hf' instead (no git needed)")
+        raise DownloadError("没有安装 git：改用 source='hf'（不需要 git）。 / git is not installed")
     if not git_lfs_available():
         raise DownloadError(GIT_LFS_MISSING)
     env = dict(os.environ, GIT_TERMINAL_PROMPT="0")  # a private repo fails instead of hanging
     if (local_dir / ".git").is_dir():  # an earlier clone: fetch the missing LFS objects
         cmds = [["git", "-C", str(local_dir), "lfs", "pull"]]
     elif any(local_dir.iterdir()):
-        raise DownloadError(f"{local_dir} is not empty and not a git clone; pick another local_dir")
+        raise DownloadError(f"{local_dir} 不是空文件夹，也不是 git 克隆的仓库：换一个 local_dir。 / "
+                            f"{local_dir} is not empty and not a git clone")
     else:
         branch = ["--branch", revision] if revision else []
         cmds = [

@@ -134,13 +134,14 @@ def verify(
     local_dir = Path(local_dir).expanduser()
     fix = lambda: _fix_hint(local_dir, repo_id, source, endpoint)  # noqa: E731
     if not local_dir.is_dir():
-        raise VerificationError(f"{local_dir} is not a folder. Download it with: {fix()}")
+        raise VerificationError(f"{local_dir} 不是文件夹。下载：{fix()} / {local_dir} is not a folder")
     files = local_files(local_dir)
     _check_files(files, fix)
     names = {p.relative_to(local_dir).as_posix() for p in files}
     has_gguf = any(n.endswith(".gguf") for n in names)
     if allow_patterns is None and "config.json" not in names and not has_gguf:
-        raise VerificationError(f"{local_dir} has no config.json. Download it with: {fix()}")
+        raise VerificationError(f"{local_dir} 里没有 config.json。下载：{fix()} / "
+                                f"{local_dir} has no config.json")
     if allow_patterns is None:
         _check_complete(local_dir, names, fix)
     if quick:
@@ -163,8 +164,8 @@ def _check_files(files: list[Path], fix: Callable[[], str]) -> None:
     for path in files:
         if is_lfs_pointer(path):
             raise VerificationError(
-                f"{path} is a git-lfs pointer file (~130 bytes of text), not the real file: the "
-                f"repository was cloned without git-lfs. Fix: {fix()}"
+                f"{path} 是 git-lfs 指针文件（约 130 字节的文本），不是真正的文件：克隆仓库时没有 "
+                f"git-lfs。修复：{fix()} / {path} is a git-lfs pointer file, not the real file"
             )
     for path in files:
         if path.suffix == ".safetensors":
@@ -174,7 +175,8 @@ def _check_files(files: list[Path], fix: Callable[[], str]) -> None:
         else:
             continue
         if problem:
-            raise VerificationError(f"{path} {problem}. Delete it and download again: {fix()}")
+            raise VerificationError(f"{path} 已损坏或不完整。删掉它重新下载：{fix()} / "
+                                    f"{path} {problem}")
 
 
 def _check_against(local_dir: Path, manifest: dict[str, RemoteFile],
@@ -187,12 +189,13 @@ def _check_against(local_dir: Path, manifest: dict[str, RemoteFile],
             continue
         path = local_dir / rel
         if not path.is_file():
-            raise VerificationError(f"{path} is missing (the hub lists it). Fix: {fix()}")
+            raise VerificationError(f"{path} 缺失（模型托管平台上有这个文件）。修复：{fix()} / "
+                                    f"{path} is missing (the hub lists it)")
         size = path.stat().st_size
         if remote.size >= 0 and size != remote.size:
             raise VerificationError(
-                f"{path} is {size} bytes, the hub says {remote.size} (incomplete or corrupted). "
-                f"Delete it and download again: {fix()}"
+                f"{path} 有 {size} 字节，模型托管平台上是 {remote.size} 字节（不完整或已损坏）。"
+                f"删掉它重新下载：{fix()} / {path} is {size} bytes, the hub says {remote.size}"
             )
         # Small text files of a git clone may have CRLF line ends on Windows: check LFS files only.
         if remote.sha256 is None and (remote.git_sha1 is None or is_git_checkout):
@@ -200,13 +203,13 @@ def _check_against(local_dir: Path, manifest: dict[str, RemoteFile],
         sha256, sha1 = cache.digests(path)
         if remote.sha256 is not None and sha256 != remote.sha256:
             raise VerificationError(
-                f"{path}: sha256 {sha256[:16]}... differs from the hub's {remote.sha256[:16]}... "
-                f"(corrupted). Delete it and download again: {fix()}"
+                f"{path} 的 sha256 和模型托管平台上的不同（文件已损坏）。删掉它重新下载：{fix()} / "
+                f"{path}: sha256 {sha256[:16]}... differs from the hub's {remote.sha256[:16]}..."
             )
         if remote.sha256 is None and sha1 != remote.git_sha1:
             raise VerificationError(
-                f"{path}: git sha1 {sha1[:12]}... differs from the hub's {remote.git_sha1}. "
-                f"Delete it and download again: {fix()}"
+                f"{path} 的 git sha1 和模型托管平台上的不同（文件已损坏）。删掉它重新下载：{fix()} / "
+                f"{path}: git sha1 {sha1[:12]}... differs from the hub's {remote.git_sha1}"
             )
 
 
@@ -218,13 +221,16 @@ def _check_complete(local_dir: Path, names: set[str], fix: Callable[[], str]) ->
         for shard in sorted(set(weight_map.values())):
             if shard not in names:
                 raise VerificationError(
-                    f"{local_dir / shard} is missing ({index_name} lists it). Fix: {fix()}"
+                    f"{local_dir / shard} 缺失（{index_name} 列出了它）。修复：{fix()} / "
+                    f"{local_dir / shard} is missing ({index_name} lists it)"
                 )
     if not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
         raise VerificationError(
-            f"{local_dir} has no weight file (*.safetensors or *.bin). Fix: {fix()}"
+            f"{local_dir} 里没有权重文件（*.safetensors 或 *.bin）。修复：{fix()} / "
+            f"{local_dir} has no weight file (*.safetensors or *.bin)"
         )
     if not names & set(TOKENIZER_FILES):
         raise VerificationError(
-            f"{local_dir} has no tokenizer file ({', '.join(TOKENIZER_FILES)}). Fix: {fix()}"
+            f"{local_dir} 里没有分词器文件（{', '.join(TOKENIZER_FILES)}）。修复：{fix()} / "
+            f"{local_dir} has no tokenizer file ({', '.join(TOKENIZER_FILES)})"
         )

@@ -32,13 +32,13 @@ def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype != "auto":
-        return Placement(device, getattr(torch, dtype), f"{device}, {dtype} as asked")
+        return Placement(device, getattr(torch, dtype), f"{device}, {dtype}（按你的设置）")
     if device.startswith("cuda"):
         chosen = compute_dtype(tuple(torch.cuda.get_device_capability(device)))
         name = torch.cuda.get_device_name(device)
-        why = "" if chosen == "bfloat16" else " (no native bf16)"
+        why = "" if chosen == "bfloat16" else "（这块 GPU 没有原生 bf16）"
         return Placement(device, getattr(torch, chosen), f"{name}: cuda, {chosen}{why}")
-    return Placement(device, torch.float32, "no CUDA: cpu, float32")
+    return Placement(device, torch.float32, "没有 CUDA：cpu, float32")
 
 
 # ---------------------------------------------------------------- precision: the one rule
@@ -155,9 +155,9 @@ class ModelChoice:
         return self.quantize or self.dtype
 
     def summary(self) -> str:
-        """One line: ``linly-7b, float16, ~14.3 GiB GPU``."""
-        where = "GPU" if self.device.startswith("cuda") else "RAM"
-        size = f", ~{self.estimated_gib:.1f} GiB {where}" if self.estimated_gib else f", {self.device}"
+        """One line: ``linly-7b, float16, 约 14.3 GiB 显存``."""
+        where = "显存" if self.device.startswith("cuda") else "内存"
+        size = f", 约 {self.estimated_gib:.1f} GiB {where}" if self.estimated_gib else f", {self.device}"
         return f"{self.name}, {self.precision}{size}"
 
 
@@ -235,7 +235,7 @@ def _gpu_choice(preferred: str, gpu: Gpu, quantize: str | None, hub: _Hub) -> Mo
         where = _where(name, hub) if precision.fits else None
         if where is None:
             if name == preferred:
-                skipped = (f"{name} 不在本机，也连不上模型库；" if precision.fits
+                skipped = (f"{name} 不在本机，也连不上模型托管平台；" if precision.fits
                            else f"{name} 最少也要约 {precision.need_gib:.1f} GiB，放不下；")
             continue
         lead = f"GPU {gpu.describe()}：{skipped}"
@@ -258,7 +258,7 @@ def _cpu_choice(preferred: str, fallback: str, why: str, hub: _Hub) -> ModelChoi
     fb = get_spec(fallback)
     need = choose_precision(fb, None).need_gib
     message = (
-        f"{why}，也没有连上模型库（离线）：使用内置的替身模型 {fallback}（{fb.hf_id}），它只会英文，"
+        f"{why}，也没有连上模型托管平台（离线）：使用内置的替代模型 {fallback}（{fb.hf_id}），它只会英文，"
         f"中文回答没有意义，不是 {preferred}。联网（或把模型下载到 models/）后重新运行本单元，会换成"
         f"会说中文的模型。"
         f"{OVERRIDE_HINT}"
@@ -330,10 +330,10 @@ def describe_environment(preferred: str = "linly-7b", online: bool | None = None
     import transformers
 
     gpu = detect_gpu()
-    device = f"CUDA: {gpu.describe()}" if gpu else "CPU only (no CUDA GPU)"
+    device = f"CUDA：{gpu.describe()}" if gpu else "只有 CPU（没有 CUDA GPU）"
     choice = plan_model(preferred, online=online)
     return (
         f"Python {platform.python_version()} | torch {torch.__version__} | "
         f"transformers {transformers.__version__} | {device}\n"
-        f"choose_model({preferred!r}) -> {choice.summary()}"
+        f"choose_model({preferred!r}) 选择 -> {choice.summary()}"
     )

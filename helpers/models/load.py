@@ -101,7 +101,7 @@ def load_model(
         verify(Path(source), quick=True)  # git-lfs pointers, missing weights: fail here, clearly
     if verbose:
         how = f", {quantize}" if quantize else ""
-        print(f"loading {name} from {source} on {placement.reason}{how}", file=sys.stderr)
+        print(f"正在加载 {name}：来自 {source}，{placement.reason}{how}", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     # On CUDA, load straight onto the GPU: Colab has ~12 GB of RAM, less than a 7B model in bf16.
     on_cuda = placement.device.startswith("cuda")

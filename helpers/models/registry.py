@@ -146,7 +146,13 @@ def check_remote_code_support(spec: ModelSpec, transformers_version: str | None 
             if spec.native_alternative
             else ""
         )
+        zh_alternative = (f"改用 transformers 原生支持的后继者：load_model({spec.native_alternative!r})。"
+                          if spec.native_alternative else "")
         raise UnsupportedModelError(
+            f"{spec.name}（{spec.hf_id}）要运行仓库里的远程代码，它需要 transformers < "
+            f"{spec.transformers_below}，而这里装的是 transformers {transformers_version}。"
+            f"{zh_alternative}一定要运行原版，请另建一个环境：pip install "
+            f"'transformers<{spec.transformers_below}'。 / "
             f"{spec.name} ({spec.hf_id}) runs remote code that needs transformers < "
             f"{spec.transformers_below}, but transformers {transformers_version} is installed."
             f"{alternative} To run the original anyway, use a separate environment with "

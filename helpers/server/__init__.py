@@ -108,7 +108,7 @@ def serve(
     else:
         raise ValueError(f"engine must be 'builtin' or 'vllm', not {engine!r}")
     url = display_url(host, settings.port)
-    print(f"serving {model_spec} on {url}  (docs: {url}/docs)")
+    print(f"正在提供 {model_spec}：{url}（接口文档：{url}/docs）")
     try:
         uvicorn.run(app, host=host, port=settings.port, log_level="warning")
     finally:

@@ -146,3 +146,41 @@ HISTORY = [
     {"role": "user", "content": "你好吗"},
 ]
 ECHO = answer_for("你好吗", turns=3, system="简短回答")
+
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts every connection and never answers: what a
+    provider behind a firewall that lets the handshake through but drops the rest looks like."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        self._held: list[Any] = []  # accepted connections, kept open and never read
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:  # closed by stop()
+                return
+            self._held.append(connection)
+
+    @property
+    def connections(self) -> int:
+        """How many connections arrived (and got no answer)."""
+        return len(self._held)
+
+    def stop(self) -> None:
+        self._socket.close()
+        for connection in self._held:
+            connection.close()
+
+    def __enter__(self) -> SilentServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
