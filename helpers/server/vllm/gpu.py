@@ -1,9 +1,9 @@
 """Whether vLLM can start on this machine's GPUs: it takes a share of each GPU's memory up front.
 
-vLLM reserves ``--gpu-memory-utilization`` (default 0.9) of a GPU's *total* memory for itself
-(https://docs.vllm.ai/en/latest/configuration/engine_args/), and refuses to start when less than
-that is free ("Free memory on device ... on startup is less than desired GPU memory
-utilization"). A model that another kernel (or this one) still holds makes that happen: say so
+vLLM reserves ``--gpu-memory-utilization`` of a GPU's *total* memory for itself (default 0.92
+in vLLM 0.32, ``vllm/config/cache.py``; 0.9 in earlier releases) and refuses to start when less
+than that is free (``vllm/v1/worker/utils.py``: "Free memory on device ... on startup is less
+than desired GPU memory utilization"). A model that another kernel (or this one) still holds makes that happen: say so
 before a minute of start-up, not after.
 """
 
@@ -15,7 +15,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-DEFAULT_UTILIZATION = 0.9  # vLLM's default --gpu-memory-utilization
+DEFAULT_UTILIZATION = 0.92  # vLLM 0.32's default --gpu-memory-utilization
 # vLLM measures free memory after creating its own CUDA context (~0.3-0.5 GiB, see
 # helpers.hardware.MARGIN_GIB), which is not free any more by then.
 CONTEXT_MIB = 512
