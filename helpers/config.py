@@ -31,7 +31,6 @@ NOTEBOOK_PORTS = {
     "04-own": 7879,  # notebook 04's own dhllm serve: the OpenAI SDK's target without a key
     "05": 7876,  # notebook 05: the digital human that speaks
     "05-vllm": 7877,  # notebook 05: dhllm in front of vLLM
-    "05-vllm-engine": 8001,  # notebook 05: vLLM itself (for time to first audio)
     "05-replicas": 7878,  # notebook 05: dhllm in front of vllm-router and two vLLM replicas
 }
 # 256 new tokens: on a 2-core CPU that is ~10 s for the embedded model, while the chapter's

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+from IPython.core.inputtransformer2 import TransformerManager
 
 from helpers import doctor
 from helpers.hardware import Gpu
@@ -19,9 +20,6 @@ from tests.learner_text import english_sentences
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-# The other helpers of issue 23 convert these notebooks on their branches; until those merge,
-# their English prints are reported here (xfail), not failed. Notebook 04 must pass.
-CONVERTED_ELSEWHERE = {"01_download", "02_linly_api", "03_qwen", "05_digital_human"}
 
 
 def test_the_checker_tells_a_sentence_from_names_and_code() -> None:
@@ -104,10 +102,9 @@ def print_literals(notebook: Path) -> list[str]:
     for cell in json.loads(notebook.read_text(encoding="utf-8"))["cells"]:
         if cell["cell_type"] != "code":
             continue
-        source = "".join(cell["source"])
-        plain = "\n".join(line for line in source.splitlines()
-                          if not line.lstrip().startswith(("!", "%")))
-        for node in ast.walk(ast.parse(plain)):
+        # IPython's own transformer turns `!cmd` and `%magic` (in branches too) into Python.
+        python = TransformerManager().transform_cell("".join(cell["source"]))
+        for node in ast.walk(ast.parse(python)):
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "print":
                 parts = [part.value for arg in node.args for part in ast.walk(arg)
                          if isinstance(part, ast.Constant) and isinstance(part.value, str)]
@@ -115,10 +112,7 @@ def print_literals(notebook: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("notebook", [
-    pytest.param(nb, marks=pytest.mark.xfail(reason="converted on another branch of issue 23",
-                                             strict=False))
-    if nb.stem in CONVERTED_ELSEWHERE else nb for nb in NOTEBOOKS], ids=lambda nb: nb.stem)
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda nb: nb.stem)
 def test_notebook_prints_are_chinese(notebook: Path) -> None:
     literals = print_literals(notebook)
     assert literals, f"{notebook.name} prints nothing?"

@@ -6,6 +6,7 @@
 - ``router``: vllm-router in front of several vLLM servers (cache-aware by default).
 - ``replicas``: N replicas, one per GPU or per share of CPU cores, supervised behind the router.
 - ``relay``: the ``Engine`` that relays dhllm's requests to vLLM (or the router).
+- ``gpu``: whether vLLM can start on this machine's GPUs (the memory it takes up front).
 - ``launch``: ``dhllm serve --engine vllm [--replicas N]`` puts these together.
 
 Importing this package is cheap (standard library and ``requests``).
