@@ -216,7 +216,7 @@ def check_gpu_memory(gpu: Gpu | None, bitsandbytes: bool | None = None) -> list[
 
 
 def download_bytes(name: str) -> float:
-    """Bytes a registry model downloads: its 16-bit weights (Linly-7B ~13.5 GB)."""
+    """Bytes a registry model downloads: its 16-bit weights (Linly-7B ~13.6 GB)."""
     from helpers.models import get_spec
 
     return 0.0 if name == "embedded" else get_spec(name).params_b * 1e9 * 2
@@ -427,12 +427,12 @@ def check_colab(colab: bool, cuda: bool) -> list[Finding]:
     if not colab:
         return []
     found = [Finding("colab", "note",
-                     "Colab：每个 notebook 是一个新的运行时，Linly-7B（约 13.5 GB）每次都要重新下载；"
-                     "可以放在 Google Drive 上：drive.mount('/content/drive') 并设置 "
-                     "DHLLM_CACHE_DIR=/content/drive/MyDrive/dhllm",
-                     "Colab: each notebook gets a fresh runtime and downloads Linly-7B (~13.5 GB) "
-                     "again; keep models on Google Drive: drive.mount('/content/drive') and "
-                     "DHLLM_CACHE_DIR=/content/drive/MyDrive/dhllm")]
+                     "Colab：每个 notebook 是一个新的运行时，本机磁盘上的文件随运行时一起消失；"
+                     "02 号 notebook 把 Linly-7B（约 13.6 GB）下载到 Google Drive 的 "
+                     "/content/drive/MyDrive/dhllm/models，之后的运行时（05 号 notebook 也是）直接用，不用重新下载",
+                     "Colab: each notebook gets a fresh runtime whose disk goes with it; notebook 02 "
+                     "downloads Linly-7B (~13.6 GB) to Google Drive, /content/drive/MyDrive/dhllm/models, "
+                     "where later runtimes (notebook 05 too) find it")]
     if not cuda:
         found.insert(0, Finding("colab", "problem", "Colab 运行时没有 GPU",
                                 "this Colab runtime has no GPU",

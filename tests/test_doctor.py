@@ -350,7 +350,7 @@ def test_colab_without_a_gpu_runtime(tmp_path: Path):
     result = run_doctor(tmp_path / "colab", extra_env={"COLAB_RELEASE_TAG": "release-colab_test"})
     assert "✗ [colab] Colab 运行时没有 GPU" in result.stdout
     assert "Runtime → Change runtime type → T4 GPU" in result.stdout
-    assert "drive.mount('/content/drive')" in result.stdout
+    assert "/content/drive/MyDrive/dhllm/models" in result.stdout  # where 02 keeps models on Colab
     kaggle = run_doctor(tmp_path / "kaggle", extra_env={
         "COLAB_RELEASE_TAG": "release-colab_test", "KAGGLE_KERNEL_RUN_TYPE": "Interactive"})
     assert "[colab]" not in kaggle.stdout  # Kaggle's image sets COLAB_RELEASE_TAG too
