@@ -16,7 +16,7 @@ from helpers.server.engine.prefill import PrefillGroup
 from helpers.server.engine.prefix_cache import PrefixCache
 from helpers.server.engine.runner import ModelRunner
 from helpers.server.engine.sampling import pick_tokens
-from helpers.server.engine.scheduler import BatchLoad, Request, Scheduler
+from helpers.server.engine.scheduler import PATIENCE, BatchLoad, Request, Scheduler
 
 LAYERS, HEADS, DIM, BLOCK = 2, 2, 3, 4
 
@@ -209,9 +209,34 @@ def test_scheduler_admits_while_the_kv_budget_holds_then_waits():
     plan = scheduler.plan(BatchLoad())
     assert len(plan.admit) == 3 and plan.stage == "prefill" and not plan.decode
     assert plan.prefill_tokens == 0  # nothing runs: whole prompts in one pass
-    running = BatchLoad(running=3, kv_tokens=900)
+    running = BatchLoad(running=3, widest=300)
     assert scheduler.plan(running).admit == [] and len(scheduler.waiting) == 2
-    assert len(scheduler.plan(BatchLoad(running=1, kv_tokens=300)).admit) == 2
+    assert len(scheduler.plan(BatchLoad(running=1, widest=300)).admit) == 2
+
+
+def test_scheduler_counts_the_padded_rectangle_the_batch_really_holds():
+    # Three running rows of 100 tokens each, one newcomer of 300: the sum (600) would fit a
+    # budget of 1000, but the batch pads every row to the widest: 4 x 300 = 1200 does not.
+    scheduler = Scheduler(max_rows=64, kv_budget_tokens=1000, chunk_tokens=64, max_queue=8)
+    scheduler.add(request(100, 200))
+    assert scheduler.plan(BatchLoad(running=3, widest=100)).admit == []
+    assert len(scheduler.plan(BatchLoad(running=2, widest=100)).admit) == 1  # 3 x 300 fits
+
+
+def test_scheduler_lets_smaller_requests_past_one_that_does_not_fit_then_holds_them():
+    scheduler = Scheduler(max_rows=64, kv_budget_tokens=1000, chunk_tokens=64, max_queue=64)
+    big, small = request(300, 100), request(50, 50)  # 400 and 100 tokens
+    scheduler.add(big)
+    scheduler.add(small)
+    load = BatchLoad(running=2, widest=300)  # 3 x 400 = 1200 > 1000; 3 x 300 = 900 fits
+    assert scheduler.plan(load).admit == [small] and list(scheduler.waiting) == [big]
+    assert big.passed_over == 1
+    for _ in range(PATIENCE - 1):
+        scheduler.add(request(50, 50))
+        assert len(scheduler.plan(load).admit) == 1
+    scheduler.add(request(50, 50))
+    assert scheduler.plan(load).admit == []  # passed over often enough: it goes next
+    assert scheduler.plan(BatchLoad(running=1, widest=100)).admit[0] is big
 
 
 def test_scheduler_hard_cap_lone_big_request_and_queue_limit():

@@ -69,6 +69,7 @@ class BatchingEngine(Engine):
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._failure: BaseException | None = None  # why the worker died, if it did
 
     @property
     def prefix_cache(self) -> PrefixCache | None:
@@ -77,23 +78,32 @@ class BatchingEngine(Engine):
 
     # Public side (any thread).
 
-    def start(self) -> None:
-        """Start the worker thread."""
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the worker thread; one at most (a worker still stopping is waited for)."""
         with self._lock:
-            if self._thread is not None and self._thread.is_alive():
+            old = self._thread
+            if old is not None and old.is_alive() and not self._stopping:
                 return
-            self._stopping = False
+        if old is not None:
+            old.join(timeout)  # a stop() that timed out: its worker may still be in a step
+            if old.is_alive():
+                raise EngineStoppedError("the previous worker is still stopping; try again soon")
+        with self._lock:
+            self._stopping, self._failure = False, None
             self._thread = threading.Thread(target=self._loop, name="dhllm-engine", daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the worker; requests still running end with EngineStoppedError."""
+        """Stop the worker; requests still running end with EngineStoppedError.
+
+        A worker that is still in a step after ``timeout`` seconds ends its streams when the step
+        returns; ``start()`` waits for it, so two workers never share the KV manager.
+        """
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-            self._thread = None
 
     def submit(self, messages: Sequence[Message], params: GenerationParams,
                prompt_text: str | None = None) -> Stream:
@@ -109,12 +119,23 @@ class BatchingEngine(Engine):
                 f"messages: the prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
                 f"({params.max_new_tokens}) exceeds the model's context of {self.max_positions}"
             )
-        stream = Stream()
+        request = Request(Stream(), list(prompt_ids), params)
+        if not self.scheduler.fits_alone(request):
+            raise ValueError(
+                f"messages: the prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
+                f"({params.max_new_tokens}) needs more KV cache than this server holds "
+                f"({self.kv_budget_tokens} tokens, DHLLM_KV_CACHE_MB); shorten the prompt or "
+                f"lower max_tokens"
+            )
+        stream = request.stream
         with self._wake:
-            if self._thread is None or self._stopping:
+            if self._failure is not None:
+                raise EngineStoppedError(f"the engine's worker stopped after an error "
+                                         f"({type(self._failure).__name__}); restart the server")
+            if self._thread is None or self._stopping or not self._thread.is_alive():
                 raise EngineStoppedError("the engine is not running")
             try:
-                self.scheduler.add(Request(stream, list(prompt_ids), params))
+                self.scheduler.add(request)
             except Exception:
                 self.stats.rejected += 1
                 raise
@@ -128,10 +149,16 @@ class BatchingEngine(Engine):
     def _loop(self) -> None:
         import torch
 
-        with torch.inference_mode():
-            while (plan := self._next_plan()) is not None:
-                self._step(plan)
-            self._shut_down()
+        error: BaseException = EngineStoppedError("the server is shutting down")
+        try:
+            with torch.inference_mode():
+                while (plan := self._next_plan()) is not None:
+                    self._step(plan)
+        except BaseException as exc:  # a bug outside every stage's guard: no stream may hang
+            log.exception("the engine's worker failed; every open request ends with the error")
+            error = self._failure = exc
+        finally:
+            self._shut_down(error)
 
     def _next_plan(self) -> StepPlan | None:
         """Wait for work, then ask the scheduler for the next step (None: stop)."""
@@ -239,13 +266,17 @@ class BatchingEngine(Engine):
             except Exception as exc:
                 self._fail(self.kv.take_running(), exc)
 
-    def _shut_down(self) -> None:
-        error = EngineStoppedError("the server is shutting down")
+    def _shut_down(self, error: BaseException) -> None:
+        """End every open and queued stream with ``error``; ``submit`` refuses from now on."""
+        with self._wake:
+            self._stopping = True  # before the drain: nothing joins the queue after it
+            queued = self.scheduler.drain()
+            self.stats.waiting = 0
         self._fail(self.kv.take_running() + self.kv.take_prefilling()
                    + self.kv.take_prefilled().rows, error)
-        with self._wake:
-            for req in self.scheduler.drain():
-                req.stream.close(Finish("error", len(req.prompt_ids), error=error))
+        self._count("errors", len(queued))
+        for req in queued:
+            req.stream.close(Finish("error", len(req.prompt_ids), error=error))
 
     def _update_gauges(self) -> None:
         cache = self.prefix_cache
@@ -257,6 +288,10 @@ class BatchingEngine(Engine):
                 self.stats.cache_evictions = cache.evictions
 
     def _finish(self, r: Row) -> None:
+        """Close a row that ended by itself (stop, length, cancelled); once only."""
+        if r.closed:
+            return
+        r.closed = True
         with self._lock:
             self.stats.completion_tokens += len(r.tokens)
             if r.finish_reason == "cancelled":
@@ -267,8 +302,10 @@ class BatchingEngine(Engine):
                               cached_tokens=r.cached))
 
     def _fail(self, rows: list[Row], exc: BaseException) -> None:
+        """End these rows with ``exc``; rows already closed keep their Finish."""
+        rows = [r for r in rows if not r.closed]
         self._count("errors", len(rows))
         for r in rows:
-            r.finish_reason = "error"
+            r.closed, r.finish_reason = True, "error"
             r.stream.close(Finish("error", len(r.prompt_ids), len(r.tokens), error=exc,
                                   cached_tokens=r.cached))

@@ -17,7 +17,7 @@ from helpers.server.engine.kv import keep_rows, kv_tensors, merge_rows, row_kv
 from helpers.server.engine.prefill import PrefillGroup
 from helpers.server.engine.prefix_cache import PrefixCache
 from helpers.server.engine.rows import Row
-from helpers.server.engine.scheduler import BatchLoad
+from helpers.server.engine.scheduler import BatchLoad, reserved_tokens
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +76,13 @@ class KVManager:
         return bool(self.running.rows or self.prefilling or self.prefilled or self.to_store)
 
     def load(self) -> BatchLoad:
-        """The scheduler's view: rows, reserved KV tokens, stages pending."""
+        """The scheduler's view: rows, the widest reservation, stages pending."""
         held = [*self.running.rows, *(self.prefilled.rows if self.prefilled else []),
                 *(self.prefilling.rows if self.prefilling else [])]
         return BatchLoad(running=len(self.running.rows),
                          prefilled=len(self.prefilled.rows) if self.prefilled else 0,
-                         kv_tokens=sum(r.kv_tokens for r in held),
+                         widest=max((reserved_tokens(r.prompt_ids, r.params) for r in held),
+                                    default=0),
                          prefill_rows=len(self.prefilling.rows) if self.prefilling else 0,
                          storing=bool(self.to_store))
 

@@ -26,11 +26,7 @@ class Row:
     next_token: int = 0
     fresh: bool = False  # next_token is picked but not yet emitted
     finish_reason: str | None = None
-
-    @property
-    def kv_tokens(self) -> int:
-        """The most tokens its KV can hold: the prompt and every token it may generate."""
-        return len(self.prompt_ids) + self.params.max_new_tokens
+    closed: bool = False  # its stream has its Finish: a row is finished exactly once
 
     @classmethod
     def new(cls, stream: Stream, ids: list[int], params: GenerationParams,
@@ -55,7 +51,9 @@ class Row:
         elif not self.fresh:
             return
         elif self.next_token in eos:
+            self.fresh = False
             self.finish_reason = "stop"
+            self._flush()  # text held back as a possible start of a stop string is reply text
         else:
             self.fresh = False
             piece = self.stopper.push(self.decoder.push(self.next_token))
@@ -65,6 +63,9 @@ class Row:
                 self.finish_reason = "stop"
             elif len(self.tokens) >= self.params.max_new_tokens:
                 self.finish_reason = "length"
-                tail = self.stopper.flush()
-                if tail:
-                    self.stream.put_text(tail)
+                self._flush()
+
+    def _flush(self) -> None:
+        tail = self.stopper.flush()
+        if tail:
+            self.stream.put_text(tail)
