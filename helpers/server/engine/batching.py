@@ -65,7 +65,7 @@ class BatchingEngine(Engine):
         prefix_cache = (PrefixCache(int(settings.prefix_cache_mb * 2**20))
                         if settings.prefix_cache_mb > 0 and reusable(model.config) else None)
         self.kv = KVManager(prefix_cache, self._count)
-        self.runner = ModelRunner(model)
+        self.runner = ModelRunner(model, settings.max_batch_size)
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -188,8 +188,9 @@ class BatchingEngine(Engine):
                 req.stream.close(Finish("cancelled", len(req.prompt_ids)))
                 continue
             try:
-                rows.append(Row.new(req.stream, req.prompt_ids, req.params, self.batchable,
-                                    self.runner.device))
+                row = Row.new(req.stream, req.prompt_ids, req.params, self.batchable)
+                self.runner.admit(row)
+                rows.append(row)
             except Exception as exc:  # this request only
                 self._count("errors")
                 req.stream.close(Finish("error", len(req.prompt_ids), error=exc))
@@ -257,6 +258,7 @@ class BatchingEngine(Engine):
                 self.stats.cache_evictions = cache.evictions
 
     def _finish(self, r: Row) -> None:
+        self.runner.release(r)
         with self._lock:
             self.stats.completion_tokens += len(r.tokens)
             if r.finish_reason == "cancelled":
@@ -269,6 +271,7 @@ class BatchingEngine(Engine):
     def _fail(self, rows: list[Row], exc: BaseException) -> None:
         self._count("errors", len(rows))
         for r in rows:
+            self.runner.release(r)
             r.finish_reason = "error"
             r.stream.close(Finish("error", len(r.prompt_ids), len(r.tokens), error=exc,
                                   cached_tokens=r.cached))
