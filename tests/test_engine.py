@@ -263,8 +263,7 @@ def test_text_held_back_for_a_stop_string_is_sent_at_eos(tiny_chat, stop):
     text = "Hi " + stop[0]
     eos = min(tiny_chat.eos_token_ids())
     stream = Stream()
-    row = Row.new(stream, [1, 2], GenerationParams(max_new_tokens=50, stop=(stop,)), tiny_chat,
-                  "cpu")
+    row = Row.new(stream, [1, 2], GenerationParams(max_new_tokens=50, stop=(stop,)), tiny_chat)
     for token in [*tiny_chat.tokenizer.encode(text, add_special_tokens=False), eos]:
         row.next_token, row.fresh = token, True
         row.tokens.append(token)

@@ -104,9 +104,9 @@ def running(engine: BatchingEngine) -> Running:
     """
     decode = engine.runner.decode
 
-    def slow_decode(batch: Any) -> None:
+    def slow_decode(batch: Any) -> Any:
         time.sleep(0.01)
-        decode(batch)
+        return decode(batch)
 
     engine.runner.decode = slow_decode  # type: ignore[method-assign]
     stream = engine.submit(user("Go on."), RUNNER)
@@ -159,12 +159,12 @@ def test_a_failed_decode_step_ends_the_running_rows_only(tiny_chat, monkeypatch)
         alone = collect(engine.submit(user(LONG_PROMPT), GREEDY))[0]
         queued, failed, real = threading.Event(), [], engine.runner.decode
 
-        def decode_failing_once(batch: Any) -> None:
+        def decode_failing_once(batch: Any) -> Any:
             if not failed:  # the runner's first decode step, once the second request waits
                 queued.wait(30)
                 failed.append(1)
                 raise Boom("injected failure")
-            real(batch)
+            return real(batch)
 
         monkeypatch.setattr(engine.runner, "decode", decode_failing_once)
         runner = engine.submit(user("Go on."), RUNNER)
@@ -213,8 +213,8 @@ def test_a_failure_outside_every_stage_ends_every_stream_and_submit_refuses(engi
 
 def test_a_failed_keep_finishes_each_row_exactly_once(engine, solo, monkeypatch):
     runner = running(engine)
-    keep = raise_once(kv_manager_module.KVManager.keep)
-    monkeypatch.setattr(kv_manager_module.KVManager, "keep", keep)
+    keep = raise_once(kv_manager_module.KVManager.retain)
+    monkeypatch.setattr(kv_manager_module.KVManager, "retain", keep)
     newcomer = engine.submit(user(LONG_PROMPT), GREEDY)  # finishes first: its leave fails
     assert collect(newcomer) == (solo["newcomer"], None)
     _, error = collect(runner.stream)
@@ -226,9 +226,9 @@ def test_a_failed_keep_finishes_each_row_exactly_once(engine, solo, monkeypatch)
 def test_a_stop_that_times_out_never_leaves_two_workers(engine):
     release, decode = threading.Event(), engine.runner.decode
 
-    def stuck_decode(batch: Any) -> None:
+    def stuck_decode(batch: Any) -> Any:
         release.wait(30)
-        decode(batch)
+        return decode(batch)
 
     engine.runner.decode = stuck_decode  # type: ignore[method-assign]
     stream = engine.submit(user("Go on."), RUNNER)

@@ -73,6 +73,7 @@ def test_multi_turn_reuse_gives_the_same_greedy_output(request, which):
     try:
         without, _ = converse(lambda m: run(plain, m, GREEDY))
         with_reuse, _ = converse(lambda m: run(cached, m, GREEDY, finishes))
+        held = cached.stats.cache_bytes  # (a stopped engine gives its cache back)
     finally:
         plain.stop()
         cached.stop()
@@ -86,7 +87,7 @@ def test_multi_turn_reuse_gives_the_same_greedy_output(request, which):
     assert finishes[0].cached_tokens == 0
     assert cached.stats.cache_hits == 2
     assert cached.stats.cached_tokens == sum(f.cached_tokens for f in finishes)
-    assert 0 < cached.stats.cache_bytes <= cached.prefix_cache.budget_bytes
+    assert 0 < held <= cached.prefix_cache.budget_bytes
 
 
 def test_rows_with_different_cached_prefixes_share_one_prefill(tiny_chat):
@@ -229,3 +230,14 @@ def test_embedded_multi_turn_reuse_gives_the_same_greedy_output(embedded_chat):
     assert answers == reference
     assert [f.cached_tokens for f in finishes][0] == 0
     assert all(f.cached_tokens > 600 for f in finishes[1:])  # the persona (~630 tokens) and more
+
+
+def test_a_stopped_engine_gives_its_prefix_cache_back(tiny_chat):
+    engine = started(tiny_chat)
+    try:
+        run(engine, conversation([], 0), GREEDY)
+        assert len(engine.prefix_cache) > 0 and engine.stats.cache_bytes > 0
+    finally:
+        engine.stop()
+    assert len(engine.prefix_cache) == 0 and engine.prefix_cache.bytes == 0
+    assert engine.stats.cache_bytes == 0

@@ -50,6 +50,7 @@ class Peer:
     key: str
     label: str
     start: Callable[[PeerRequest], Handle]
+    chapter_sampling: bool = False  # its /v1 takes top_k and repetition_penalty
 
 
 class ServerProcess:
@@ -120,16 +121,16 @@ def transformers_process(req: PeerRequest, continuous_batching: bool) -> ServerP
 
 
 PEERS: dict[str, Peer] = {
-    "dhllm": Peer("ours", "dhllm (continuous batching)", dhllm_process),
+    "dhllm": Peer("ours", "dhllm (continuous batching)", dhllm_process, True),
     "serial": Peer("serial", "serial chapter-style",
-                   lambda req: dhllm_process(req, max_batch_size=1)),
+                   lambda req: dhllm_process(req, max_batch_size=1), True),
     "plain": Peer("transformers_serve", "transformers serve",
                   lambda req: transformers_process(req, False)),
     "cb": Peer("transformers_serve_cb", "transformers serve --cont.-batch.",
                lambda req: transformers_process(req, True)),
-    "vllm": Peer("vllm", "vLLM (bare)", lambda req: VLLMPeer(req)),
+    "vllm": Peer("vllm", "vLLM (bare)", lambda req: VLLMPeer(req), True),
     "dhllm-vllm": Peer("dhllm_vllm", "dhllm --engine vllm",
-                       lambda req: dhllm_process(req, engine="vllm")),
+                       lambda req: dhllm_process(req, engine="vllm"), True),
 }
 
 

@@ -65,7 +65,7 @@ class BatchingEngine(Engine):
         prefix_cache = (PrefixCache(int(settings.prefix_cache_mb * 2**20))
                         if settings.prefix_cache_mb > 0 and reusable(model.config) else None)
         self.kv = KVManager(prefix_cache, self._count)
-        self.runner = ModelRunner(model)
+        self.runner = ModelRunner(model, settings.max_batch_size)
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -176,7 +176,8 @@ class BatchingEngine(Engine):
         if plan.admit:
             self._admit(plan.admit)
         if plan.decode:
-            self._stage(lambda: self.runner.decode(self.kv.running), self.kv.take_running)
+            self._run_stage(lambda: self.kv.advance(self.runner.decode(self.kv.running)),
+                            self.kv.take_running)
             with self._lock:
                 self.stats.decode_steps += 1
                 self.stats.decode_steps_during_prefill += self.kv.prefilling is not None
@@ -188,22 +189,27 @@ class BatchingEngine(Engine):
             for r in prefilled.rows:
                 if r.finish_reason is not None:  # one token was all it needed
                     self._finish(r)
-            self._stage(lambda: self.kv.join(prefilled), lambda: [
+            self._run_stage(lambda: self.kv.join(prefilled), lambda: [
                 r for r in prefilled.rows if r.finish_reason is None])
         elif plan.stage == "store":
             for blocks in self.kv.take_blocks():
                 self.kv.store(blocks)
         elif plan.stage == "prefill":
-            self._stage(lambda: self._prefill_chunk(plan.prefill_tokens), self.kv.take_prefilling)
+            self._run_stage(lambda: self._prefill_chunk(plan.prefill_tokens),
+                            self.kv.take_prefilling)
         self._update_gauges()
 
-    def _stage(self, work: Callable[[], None], lose: Callable[[], list[Row]]) -> None:
-        """Run one stage, then send the new pieces; on failure fail the rows ``lose`` takes."""
+    def _run_stage(self, work: Callable[[], None], take_rows: Callable[[], list[Row]]) -> None:
+        """Run one stage (``work``), then send the new pieces.
+
+        If it raises, ``take_rows()`` takes the rows that stage held out of the KV manager and
+        exactly those end with the error; every other row goes on.
+        """
         try:
             work()
         except Exception as exc:  # e.g. out of memory; the loop lives on for the next requests
             log.exception("an engine stage failed; its rows end with the error")
-            self._fail(lose(), exc)
+            self._fail(take_rows(), exc)
         self._emit_and_prune()
 
     def _admit(self, requests: list[Request]) -> None:
@@ -215,16 +221,17 @@ class BatchingEngine(Engine):
                 req.stream.close(Finish("cancelled", len(req.prompt_ids)))
                 continue
             try:
-                rows.append(Row.new(req.stream, req.prompt_ids, req.params, self.batchable,
-                                    self.runner.device))
+                row = Row.new(req.stream, req.prompt_ids, req.params, self.batchable)
+                self.runner.admit(row)
+                rows.append(row)
             except Exception as exc:  # this request only
                 self._count("errors")
                 req.stream.close(Finish("error", len(req.prompt_ids), error=exc))
         if rows:
-            self._stage(lambda: self.kv.open_group(rows, self.pad_id, self.runner.device),
+            self._run_stage(lambda: self.kv.open_group(rows, self.pad_id, self.runner.device),
                         lambda: rows)
 
-    def _prefill_chunk(self, budget: int) -> None:
+    def _prefill_chunk(self, budget: int | None) -> None:
         """One chunk of the group's prefill; after the last, the first tokens go out."""
         for r in self.kv.drop_cancelled():  # their partial KV is never stored
             r.finish_reason = "cancelled"
@@ -262,7 +269,7 @@ class BatchingEngine(Engine):
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
         if len(keep) < len(rows):
             try:
-                self.kv.keep(keep)
+                self.kv.retain(keep)
             except Exception as exc:
                 self._fail(self.kv.take_running(), exc)
 
@@ -277,6 +284,11 @@ class BatchingEngine(Engine):
         self._count("errors", len(queued))
         for req in queued:
             req.stream.close(Finish("error", len(req.prompt_ids), error=error))
+        self.kv.take_blocks()
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()  # its KV is memory a stopped server should give back
+            with self._lock:
+                self.stats.cache_bytes = self.stats.cache_blocks = 0
 
     def _update_gauges(self) -> None:
         cache = self.prefix_cache
@@ -292,6 +304,7 @@ class BatchingEngine(Engine):
         if r.closed:
             return
         r.closed = True
+        self.runner.release(r)
         with self._lock:
             self.stats.completion_tokens += len(r.tokens)
             if r.finish_reason == "cancelled":
@@ -307,5 +320,6 @@ class BatchingEngine(Engine):
         self._count("errors", len(rows))
         for r in rows:
             r.closed, r.finish_reason = True, "error"
+            self.runner.release(r)
             r.stream.close(Finish("error", len(r.prompt_ids), len(r.tokens), error=exc,
                                   cached_tokens=r.cached))

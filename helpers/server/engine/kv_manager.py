@@ -30,6 +30,15 @@ class RunningBatch:
     cache: Any = None
     mask: Any = None  # [rows, cache length]
 
+    def decode_inputs(self, device: Any) -> tuple[Any, Any, Any]:
+        """A decode step's input ids, position ids and mask (one new column per row)."""
+        import torch
+
+        input_ids = torch.tensor([[r.next_token] for r in self.rows], device=device)
+        positions = torch.tensor([[r.position] for r in self.rows], device=device)
+        mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        return input_ids, positions, mask
+
 
 @dataclass
 class Prefilling:
@@ -164,14 +173,20 @@ class KVManager:
             self.running = RunningBatch(self.running.rows + joining, new_cache, new_mask)
         self.to_store += blocks
 
-    def keep(self, keep: list[int]) -> None:
-        """Keep only these rows of the decode batch."""
+    def advance(self, mask: Any) -> None:
+        """A decode step ran: every row's KV holds one more token, covered by ``mask``."""
+        self.running.mask = mask
+        for r in self.running.rows:
+            r.position += 1
+
+    def retain(self, indices: list[int]) -> None:
+        """Keep only the rows at these indices of the decode batch; the others leave."""
         batch = self.running
-        if not keep:
+        if not indices:
             self.running = RunningBatch()
             return
-        mask = keep_rows(batch.cache, batch.mask, keep)
-        self.running = RunningBatch([batch.rows[i] for i in keep], batch.cache, mask)
+        mask = keep_rows(batch.cache, batch.mask, indices)
+        self.running = RunningBatch([batch.rows[i] for i in indices], batch.cache, mask)
 
     # The prefix cache.
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from helpers.chat import GenerationParams, IncrementalDecoder, StopMatcher, TokenBatchable
 from helpers.server.engine.base import Stream
@@ -18,8 +17,7 @@ class Row:
     params: GenerationParams
     decoder: IncrementalDecoder
     stopper: StopMatcher
-    generator: Any  # torch.Generator or None (then the global RNG)
-    seen: Any = None  # torch tensor of prompt + generated ids, for the repetition penalty
+    slot: int | None = None  # its place in the runner's BatchSampler while it lives
     tokens: list[int] = field(default_factory=list)  # generated ids (the prefix cache keeps them)
     cached: int = 0  # prompt tokens whose KV came from the prefix cache
     position: int = 0  # position id of the next input token = tokens in this row's KV
@@ -30,19 +28,11 @@ class Row:
 
     @classmethod
     def new(cls, stream: Stream, ids: list[int], params: GenerationParams,
-            model: TokenBatchable, device: Any) -> Row:
-        """A row about to be prefilled: its own decoder, stop matcher and seeded generator."""
-        import torch
-
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(params.seed)
+            model: TokenBatchable) -> Row:
+        """A row about to be prefilled: its own decoder and stop matcher."""
         return cls(stream=stream, prompt_ids=ids, params=params,
                    decoder=IncrementalDecoder(model.tokenizer),
-                   stopper=StopMatcher(params.stop + model.default_stop),
-                   generator=generator, seen=torch.tensor(ids, device=device),
-                   position=len(ids))
+                   stopper=StopMatcher(params.stop + model.default_stop), position=len(ids))
 
     def emit(self, eos: set[int]) -> None:
         """Send the row's fresh token as text, or decide why it ends."""

@@ -63,7 +63,7 @@ class StepPlan:
     admit: list[Request] = field(default_factory=list)  # newcomers: they open a prefill group
     decode: bool = False  # every running row takes one token
     stage: Stage | None = None  # then one more stage: join the prefilled, store blocks, prefill
-    prefill_tokens: int = 0  # the token budget of this step's prefill chunk (0: no limit)
+    prefill_tokens: int | None = None  # the token budget of this step's prefill chunk (None: all)
 
 
 class Scheduler:
@@ -133,7 +133,7 @@ class Scheduler:
                 req.passed_over += 1
         return admitted
 
-    def _prefill_budget(self, prefill_rows: int, running: int) -> int:
+    def _prefill_budget(self, prefill_rows: int, running: int) -> int | None:
         """Tokens for one prefill chunk: whole prompts when nothing runs, else chunks.
 
         A chunk pauses the running streams so that the new ones start sooner. One long prompt
@@ -142,5 +142,5 @@ class Scheduler:
         number of streams that wait for their first token.
         """
         if not running or not prefill_rows:
-            return 0
+            return None  # nobody waits for a decode step: the whole prompts in one pass
         return self.chunk_tokens * max(1, math.ceil(prefill_rows / running))
