@@ -24,7 +24,7 @@ from helpers.chat import GenerationParams, Message, TokenBatchable
 from helpers.config import Settings, get_settings
 from helpers.server.engine.base import Engine, EngineStoppedError, Finish, Stream
 from helpers.server.engine.kv import kv_bytes_per_token
-from helpers.server.engine.kv_manager import KVManager
+from helpers.server.engine.kv_manager import KVManager, Prefilling
 from helpers.server.engine.prefix_cache import PrefixCache, reusable
 from helpers.server.engine.rows import Row
 from helpers.server.engine.runner import ModelRunner
@@ -180,23 +180,22 @@ class BatchingEngine(Engine):
                             self.kv.take_running)
             with self._lock:
                 self.stats.decode_steps += 1
-                self.stats.decode_steps_during_prefill += self.kv.prefilling is not None
+                self.stats.decode_steps_during_prefill += bool(self.kv.prefilling)
         # A prefilled group joins in a step of its own, after a decode step: the join copies
         # the whole batch's KV, and doing it right after the last chunk would add both to one
         # pause of the running streams. Storing a long prompt's blocks is a stage of its own too.
         if plan.stage == "join":
-            prefilled = self.kv.take_prefilled()
-            for r in prefilled.rows:
-                if r.finish_reason is not None:  # one token was all it needed
-                    self._finish(r)
-            self._run_stage(lambda: self.kv.join(prefilled), lambda: [
-                r for r in prefilled.rows if r.finish_reason is None])
+            for prefilled in self.kv.take_prefilled():
+                for r in prefilled.rows:
+                    if r.finish_reason is not None:  # one token was all it needed
+                        self._finish(r)
+                self._run_stage(lambda p=prefilled: self.kv.join(p), lambda p=prefilled: [
+                    r for r in p.rows if r.finish_reason is None])
         elif plan.stage == "store":
             for blocks in self.kv.take_blocks():
                 self.kv.store(blocks)
         elif plan.stage == "prefill":
-            self._run_stage(lambda: self._prefill_chunk(plan.prefill_tokens),
-                            self.kv.take_prefilling)
+            self._prefill(plan.prefill_tokens)
         self._update_gauges()
 
     def _run_stage(self, work: Callable[[], None], take_rows: Callable[[], list[Row]]) -> None:
@@ -231,14 +230,28 @@ class BatchingEngine(Engine):
             self._run_stage(lambda: self.kv.open_group(rows, self.pad_id, self.runner.device),
                         lambda: rows)
 
-    def _prefill_chunk(self, budget: int | None) -> None:
-        """One chunk of the group's prefill; after the last, the first tokens go out."""
+    def _prefill(self, budget: int | None) -> None:
+        """Every prefill group takes a chunk within this step's token ``budget`` (None: all).
+
+        The groups with the least left go first, each with an even share of what is left, so
+        a short prompt that arrives behind a long one starts within a few steps (vLLM's
+        chunked-prefill scheduling does the same with one token budget per step).
+        """
         for r in self.kv.drop_cancelled():  # their partial KV is never stored
             r.finish_reason = "cancelled"
             self._finish(r)
-        prefilling = self.kv.prefilling
-        if prefilling is None:
-            return
+        groups = sorted(self.kv.prefilling, key=lambda p: p.group.remaining)
+        left = budget
+        for n, prefilling in enumerate(groups):
+            share = None if left is None else max(1, left // (len(groups) - n))
+            before = prefilling.group.remaining
+            self._run_stage(lambda p=prefilling, s=share: self._prefill_chunk(p, s),
+                            lambda p=prefilling: self.kv.take_group(p))
+            if left is not None:
+                left = max(0, left - (before - prefilling.group.remaining))
+
+    def _prefill_chunk(self, prefilling: Prefilling, budget: int | None) -> None:
+        """One chunk of one group's prefill; after the last, its first tokens go out."""
         done = self.runner.prefill_chunk(prefilling, budget)
         self._count("prefill_chunks")
         if not done:
@@ -247,7 +260,7 @@ class BatchingEngine(Engine):
             r.emit(self.eos)  # the first token goes out now; joining the batch comes next
         self._count("prefills")
         self._count("prompt_tokens", sum(len(r.prompt_ids) for r in prefilling.rows))
-        self.kv.finish_prefill()
+        self.kv.finish_prefill(prefilling)
 
     def _emit_and_prune(self) -> None:
         """Send each running row's new text; drop finished, cancelled and failed rows."""
@@ -280,7 +293,7 @@ class BatchingEngine(Engine):
             queued = self.scheduler.drain()
             self.stats.waiting = 0
         self._fail(self.kv.take_running() + self.kv.take_prefilling()
-                   + self.kv.take_prefilled().rows, error)
+                   + [r for p in self.kv.take_prefilled() for r in p.rows], error)
         self._count("errors", len(queued))
         for req in queued:
             req.stream.close(Finish("error", len(req.prompt_ids), error=error))

@@ -44,6 +44,11 @@ class PrefillGroup:
         self.done = 0  # columns of the new part already prefilled
 
     @property
+    def remaining(self) -> int:
+        """Prompt tokens (with padding) still to prefill: what the next chunks cost."""
+        return (self.width - self.done) * self.size
+
+    @property
     def width(self) -> int:
         """Columns of new tokens in all (the longest new part)."""
         return self.input_ids.shape[1]

@@ -92,9 +92,9 @@ class Scheduler:
         return requests
 
     def plan(self, load: BatchLoad) -> StepPlan:
-        """The next step: admit (only when no group is prefilling), decode, then one stage."""
-        admit = [] if load.prefill_rows else self._admit(load)
-        prefill_rows = load.prefill_rows or len(admit)
+        """The next step: admit (a new prefill group beside any under way), decode, one stage."""
+        admit = self._admit(load)
+        prefill_rows = load.prefill_rows + len(admit)
         if load.prefilled:
             stage: Stage | None = "join"
         elif load.storing:
@@ -112,7 +112,7 @@ class Scheduler:
 
     def _admit(self, load: BatchLoad) -> list[Request]:
         """Waiting requests, oldest first, that fit beside the batch (rows x widest <= budget)."""
-        rows, widest = load.running + load.prefilled, load.widest
+        rows, widest = load.running + load.prefilled + load.prefill_rows, load.widest
         admitted: list[Request] = []
         passed: list[Request] = []
         for req in self.waiting:
