@@ -263,28 +263,27 @@ class BatchingEngine(Engine):
         self.kv.finish_prefill(prefilling)
 
     def _emit_and_prune(self) -> None:
-        """Send each running row's new text; drop finished, cancelled and failed rows."""
-        rows, keep = self.kv.running.rows, []
-        for i, r in enumerate(rows):
+        """Send each running row's new text; the KV manager lets the ended rows go; close them."""
+        rows = self.kv.running.rows
+        for r in rows:
             try:
                 r.emit(self.eos)
             except Exception as exc:  # e.g. a tokenizer that cannot decode: this row only
                 self._fail([r], exc)
-                continue
-            if r.finish_reason is None:
-                keep.append(i)
-            else:
-                if self.prefix_cache is not None:
-                    self.kv.store(self.kv.finished_blocks(i))
-                    self._update_gauges()  # before the client hears the end
-                self._finish(r)
         with self._lock:
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
-        if len(keep) < len(rows):
-            try:
-                self.kv.retain(keep)
-            except Exception as exc:
-                self._fail(self.kv.take_running(), exc)
+        try:
+            ended = self.kv.update_from_output()
+        except Exception as exc:  # the rows that ended keep their end; the others fail
+            for r in rows:
+                if r.finish_reason is not None:
+                    self._finish(r)
+            self._fail(self.kv.take_running(), exc)
+            return
+        if ended:
+            self._update_gauges()  # the blocks are stored before a client hears the end
+        for r in ended:
+            self._finish(r)  # (a row that failed above is closed already)
 
     def _shut_down(self, error: BaseException) -> None:
         """End every open and queued stream with ``error``; ``submit`` refuses from now on."""

@@ -183,6 +183,20 @@ class KVManager:
         for r in self.running.rows:
             r.position += 1
 
+    def update_from_output(self) -> list[Row]:
+        """After a step (vLLM's ``Scheduler.update_from_output``): rows that ended leave the
+        batch, their prompt and reply first stored as prefix blocks (failed rows' are not);
+        those rows, for the engine to close."""
+        rows = self.running.rows
+        ended = [i for i, r in enumerate(rows) if r.finish_reason is not None]
+        if not ended:
+            return []
+        for i in ended:
+            if rows[i].finish_reason != "error":
+                self.store(self.finished_blocks(i))
+        self.retain([i for i in range(len(rows)) if i not in ended])
+        return [rows[i] for i in ended]
+
     def retain(self, indices: list[int]) -> None:
         """Keep only the rows at these indices of the decode batch; the others leave."""
         batch = self.running
