@@ -224,15 +224,16 @@ def test_a_failed_keep_finishes_each_row_exactly_once(engine, solo, monkeypatch)
 
 
 def test_a_stop_that_times_out_never_leaves_two_workers(engine):
-    release, decode = threading.Event(), engine.runner.decode
+    entered, release, decode = threading.Event(), threading.Event(), engine.runner.decode
 
     def stuck_decode(batch: Any) -> Any:
+        entered.set()
         release.wait(30)
         return decode(batch)
 
     engine.runner.decode = stuck_decode  # type: ignore[method-assign]
     stream = engine.submit(user("Go on."), RUNNER)
-    time.sleep(0.3)  # (a bound for the worker to reach the stuck step, not a timing)
+    assert entered.wait(30)  # the worker is inside a step that does not return yet
     old = engine._thread
     engine.stop(timeout=0.1)
     assert old is not None and old.is_alive()  # still in its step
