@@ -257,6 +257,21 @@ def test_a_request_that_never_fits_the_kv_budget_is_refused_at_once(tiny_chat):
         engine.stop()
 
 
+def test_a_request_that_never_fits_gets_a_400_naming_the_setting(tiny_chat):
+    import requests
+
+    from helpers.server import serve_in_background
+    from tests.conftest import free_port
+
+    with serve_in_background(tiny_chat, port=free_port(), kv_cache_mb=0.01) as handle:
+        response = requests.post(handle.url + "/v1/chat/completions", timeout=60, json={
+            "messages": user(LONG_PROMPT), "max_tokens": 50})
+        assert response.status_code == 400
+        assert "DHLLM_KV_CACHE_MB" in response.json()["error"]["message"]
+        chapter = requests.post(handle.url, timeout=60, json={"prompt": LONG_PROMPT})
+        assert chapter.status_code == 400 and "DHLLM_KV_CACHE_MB" in chapter.json()["detail"]
+
+
 def test_a_server_stopping_mid_request_answers_503_never_an_empty_200(tiny_chat):
     import requests
 
