@@ -28,7 +28,7 @@ from helpers.server.engine.kv_manager import KVManager, Prefilling
 from helpers.server.engine.prefix_cache import PrefixCache, reusable
 from helpers.server.engine.rows import Row
 from helpers.server.engine.runner import ModelRunner
-from helpers.server.engine.scheduler import Request, Scheduler, StepPlan
+from helpers.server.engine.scheduler import PATIENCE, Request, Scheduler, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -231,24 +231,30 @@ class BatchingEngine(Engine):
                         lambda: rows)
 
     def _prefill(self, budget: int | None) -> None:
-        """Every prefill group takes a chunk within this step's token ``budget`` (None: all).
+        """Prefill groups take chunks within this step's token ``budget`` (None: all of them).
 
-        The groups with the least left go first, each with an even share of what is left, so
-        a short prompt that arrives behind a long one starts within a few steps (vLLM's
-        chunked-prefill scheduling does the same with one token budget per step).
+        As in vLLM's chunked-prefill scheduling, one token budget per step is shared by every
+        prompt under way, so an arrival never waits for an earlier prompt's whole prefill. The
+        group with the least left goes first (a short question overtakes a long document), and
+        the next one gets what the budget has left. Each group is a forward pass of its own
+        here (vLLM packs them into one), so most steps run one; a group that got nothing for
+        ``PATIENCE`` steps goes first.
         """
         for r in self.kv.drop_cancelled():  # their partial KV is never stored
             r.finish_reason = "cancelled"
             self._finish(r)
-        groups = sorted(self.kv.prefilling, key=lambda p: p.group.remaining)
+        groups = sorted(self.kv.prefilling,
+                        key=lambda p: (p.waited < PATIENCE, p.group.remaining))
         left = budget
-        for n, prefilling in enumerate(groups):
-            share = None if left is None else max(1, left // (len(groups) - n))
-            before = prefilling.group.remaining
-            self._run_stage(lambda p=prefilling, s=share: self._prefill_chunk(p, s),
+        for prefilling in groups:
+            if left is not None and left <= 0:
+                prefilling.waited += 1
+                continue
+            before, prefilling.waited = prefilling.group.remaining, 0
+            self._run_stage(lambda p=prefilling, b=left: self._prefill_chunk(p, b),
                             lambda p=prefilling: self.kv.take_group(p))
             if left is not None:
-                left = max(0, left - (before - prefilling.group.remaining))
+                left -= before - prefilling.group.remaining
 
     def _prefill_chunk(self, prefilling: Prefilling, budget: int | None) -> None:
         """One chunk of one group's prefill; after the last, its first tokens go out."""

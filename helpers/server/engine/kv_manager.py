@@ -47,6 +47,7 @@ class Prefilling:
 
     rows: list[Row]
     group: PrefillGroup
+    waited: int = 0  # steps in a row that this group's prefill did not advance
 
 
 @dataclass

@@ -4,7 +4,8 @@ As in vLLM's v1 scheduler, it only decides; it returns a ``StepPlan`` and the en
 out (``KVManager`` for the cache, ``ModelRunner`` for the model). Memory decides how many rows
 run: every row may grow to its prompt plus its ``max_new_tokens`` (``reserved_tokens``), and the
 batch holds every row as wide as its widest one (one padded rectangle, see kv.py), so newcomers
-are admitted while rows x the widest reservation fit the KV budget (``Settings.kv_cache_mb``),
+are admitted while rows x the widest reservation fit the KV budget (``Settings.kv_cache_mb``;
+a join briefly holds the old batch beside the merged one on top of that),
 up to a hard cap of rows (``Settings.max_batch_size``). A request that does not fit now waits
 without blocking smaller ones behind it, until it has been passed over ``PATIENCE`` times.
 """
@@ -21,7 +22,7 @@ from helpers.server.engine.base import QueueFullError, Stream
 
 Stage = Literal["join", "store", "prefill"]
 
-# How often a request that does not fit may see later, smaller ones go first; then it goes next.
+# How often a request (or a prefill group) may see later, smaller ones go first; then it goes next.
 PATIENCE = 8
 
 
