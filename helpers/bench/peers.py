@@ -50,7 +50,9 @@ class Peer:
     key: str
     label: str
     start: Callable[[PeerRequest], Handle]
-    chapter_sampling: bool = False  # its /v1 takes top_k and repetition_penalty
+    # Its /v1 takes top_k and repetition_penalty as fields (transformers serve 5.25 takes them
+    # only inside a ``generation_config`` JSON string: not sent, no chapter column for it).
+    chapter_sampling: bool = False
 
 
 class ServerProcess:
