@@ -196,7 +196,10 @@ def serve(
 def bench(
     model: ModelOption = None,
     tokens: Annotated[int, typer.Option(help="new tokens per request")] = 48,
-    clients: Annotated[str, typer.Option(help="the two client counts compared, e.g. 1,8")] = "1,8",
+    clients: Annotated[str, typer.Option(
+        help="client counts every server runs, e.g. 1,8,16 (8 is the headline)")] = "1,8,16",
+    chapter: Annotated[int, typer.Option(
+        help="clients with the chapter's sampling (top_k 20, penalty 1.15; 0 = skip)")] = 8,
     sweep: Annotated[str, typer.Option(help="client counts for the plot ('' = none)")] = "1,2,4,8,16",
     rounds: Annotated[int, typer.Option(help="requests per client in the headline runs")] = 1,
     repeats: Annotated[int, typer.Option(
@@ -233,7 +236,8 @@ def bench(
         else:
             cfg = BenchConfig(**chosen, tokens=tokens, clients=counts(clients),
                               sweep=counts(sweep), rounds=rounds, repeats=repeats,
-                              classroom=classroom, builtin=builtin, persona_turns=turns)
+                              classroom=classroom, builtin=builtin, persona_turns=turns,
+                              chapter_clients=chapter)
     except ValueError as exc:
         _fail(f"client counts must be integers like 1,8: {exc}")
     run_bench(cfg)

@@ -23,6 +23,9 @@ def test_bench_runs_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
         room = results[key]["classroom"]
         assert room["clients"] == 3 and room["errors"] == 0 and room["tokens"] > 0
         assert room["full_p95"] >= room["full_p50"] > 0
+        chapter = results[key]["chapter"]  # POST /'s sampling, sent to /v1
+        assert chapter["clients"] == 2 and chapter["errors"] == 0 and chapter["tokens"] > 0
+        assert results[key]["chapter_vs_plain"] > 0
     persona, pause = results["ours"]["persona"], results["ours"]["pause"]
     assert persona["turns"] == 2 and len(persona["ttft"]) == 2 and persona["first"] > 0
     assert pause["median_gap"] > 0 and pause["longest_pause"] > 0 and pause["long_prompt_ttft"] > 0
@@ -36,6 +39,7 @@ def test_bench_runs_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     table = format_table(report)
     assert "dhllm (continuous batching)" in table and "serial chapter-style" in table
     assert "longest pause" in table and "first sentence" in table and "3 at once" in table
+    assert "chapter sampling, 2 clients" in table
 
 
 def test_servers_take_turns_round_after_round(monkeypatch):

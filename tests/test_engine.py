@@ -11,6 +11,7 @@ from helpers.chat import ChatModel, GenerationParams, TransformersChat
 from helpers.server.engine import (
     BatchingEngine,
     EngineStoppedError,
+    Finish,
     QueueFullError,
     ThreadedEngine,
     create_engine,
@@ -186,3 +187,87 @@ def test_extreme_parameters_still_produce_tokens(engine, params):
     stream = engine.submit(user("x"), params)
     list(stream)
     assert stream.finish.reason in ("length", "stop") and stream.finish.completion_tokens >= 1
+
+
+def read(stream, timeout: float = 30.0) -> BaseException | None:
+    """Read ``stream`` to its end in a thread; its error. Fails the test if it never closes."""
+    out: list[BaseException | None] = [None]
+
+    def run() -> None:
+        try:
+            list(stream)
+        except Exception as exc:
+            out[0] = exc
+
+    reader = threading.Thread(target=run, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert not reader.is_alive(), "the stream never closed"
+    return out[0]
+
+
+class BlockingChat(ChatModel):
+    """A backend whose first reply waits for the test: later requests queue behind it."""
+
+    name = "blocking"
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    def stream(self, messages, **params):
+        self.gate.wait(30)
+        yield "done."
+
+
+def test_threaded_stop_ends_queued_requests_with_an_error():
+    model = BlockingChat()
+    eng = ThreadedEngine(model, max_workers=1, max_queue=4)
+    eng.start()
+    first = eng.submit(user("hi"), GREEDY)
+    queued = eng.submit(user("hi"), GREEDY)  # waits for the only worker
+    eng.stop()
+    assert isinstance(read(queued), EngineStoppedError)  # closed by the stop, not left to hang
+    model.gate.set()
+    assert list(first) == ["done."]  # the running one still finishes
+    assert eng.stats.waiting == 0 and eng.stats.errors == 1
+
+
+class BadTokenizer:
+    def __call__(self, text, **kwargs):
+        raise RuntimeError("the tokenizer failed")
+
+
+class BadTokenizerChat(BlockingChat):
+    tokenizer = BadTokenizer()
+
+
+def test_threaded_token_counting_failure_closes_the_stream():
+    model = BadTokenizerChat()
+    model.gate.set()
+    eng = ThreadedEngine(model, max_workers=1, max_queue=4)
+    eng.start()
+    try:
+        stream = eng.submit(user("hi"), GREEDY)
+        assert isinstance(read(stream), RuntimeError) and stream.finish.reason == "error"
+    finally:
+        eng.stop()
+
+
+@pytest.mark.parametrize("stop", ["###", "\n\n"])
+def test_text_held_back_for_a_stop_string_is_sent_at_eos(tiny_chat, stop):
+    # Linly's prompt stops at "###": a reply that ends in "#" (or "\n" with stop "\n\n") must
+    # still deliver that last character when the model says EOS.
+    from helpers.server.engine.base import Stream
+    from helpers.server.engine.rows import Row
+
+    text = "Hi " + stop[0]
+    eos = min(tiny_chat.eos_token_ids())
+    stream = Stream()
+    row = Row.new(stream, [1, 2], GenerationParams(max_new_tokens=50, stop=(stop,)), tiny_chat)
+    for token in [*tiny_chat.tokenizer.encode(text, add_special_tokens=False), eos]:
+        row.next_token, row.fresh = token, True
+        row.tokens.append(token)
+        row.emit({eos})
+    assert row.finish_reason == "stop"
+    stream.close(Finish("stop"))
+    assert "".join(stream) == text

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from helpers.chat import GenerationParams, TransformersChat
-from helpers.server.engine import BatchingEngine, Stream
+from helpers.server.engine import BatchingEngine, EngineStoppedError, Stream
 from helpers.server.engine import kv_manager as kv_manager_module
 from helpers.server.engine.prefill import PrefillGroup
 from helpers.server.engine.prefix_cache import PrefixCache
@@ -104,9 +104,9 @@ def running(engine: BatchingEngine) -> Running:
     """
     decode = engine.runner.decode
 
-    def slow_decode(batch: Any) -> None:
+    def slow_decode(batch: Any) -> Any:
         time.sleep(0.01)
-        decode(batch)
+        return decode(batch)
 
     engine.runner.decode = slow_decode  # type: ignore[method-assign]
     stream = engine.submit(user("Go on."), RUNNER)
@@ -159,12 +159,12 @@ def test_a_failed_decode_step_ends_the_running_rows_only(tiny_chat, monkeypatch)
         alone = collect(engine.submit(user(LONG_PROMPT), GREEDY))[0]
         queued, failed, real = threading.Event(), [], engine.runner.decode
 
-        def decode_failing_once(batch: Any) -> None:
+        def decode_failing_once(batch: Any) -> Any:
             if not failed:  # the runner's first decode step, once the second request waits
                 queued.wait(30)
                 failed.append(1)
                 raise Boom("injected failure")
-            real(batch)
+            return real(batch)
 
         monkeypatch.setattr(engine.runner, "decode", decode_failing_once)
         runner = engine.submit(user("Go on."), RUNNER)
@@ -191,3 +191,112 @@ def test_a_failed_block_store_costs_blocks_never_a_reply(engine, solo, monkeypat
     assert len(store.calls) > 1 and engine.stats.store_errors == 1
     assert engine.stats.errors == 0
     serves_next(engine, solo)
+
+
+# The loop itself (issue 24): whatever fails, no stream is left open, and a dead engine says so.
+
+def test_a_failure_outside_every_stage_ends_every_stream_and_submit_refuses(engine, monkeypatch):
+    runner = running(engine)
+    queued = engine.submit(user(LONG_PROMPT), GREEDY)
+    monkeypatch.setattr(engine, "_update_gauges", raise_once(engine._update_gauges))
+    _, error = collect(runner.stream, timeout=60)
+    assert isinstance(error, Boom) and runner.stream.finish.reason == "error"
+    _, error = collect(queued, timeout=60)
+    assert error is not None and queued.finish.reason == "error"
+    with pytest.raises(EngineStoppedError, match="after an error") as refused:
+        engine.submit(user("hi"), GREEDY)
+    assert refused.value.status_code == 503
+    engine.stop()
+    engine.start()  # a new worker serves again
+    assert collect(engine.submit(user("hi"), GREEDY))[1] is None
+
+
+def test_a_failed_keep_finishes_each_row_exactly_once(engine, solo, monkeypatch):
+    runner = running(engine)
+    keep = raise_once(kv_manager_module.KVManager.retain)
+    monkeypatch.setattr(kv_manager_module.KVManager, "retain", keep)
+    newcomer = engine.submit(user(LONG_PROMPT), GREEDY)  # finishes first: its leave fails
+    assert collect(newcomer) == (solo["newcomer"], None)
+    _, error = collect(runner.stream)
+    assert isinstance(error, Boom) and keep.calls
+    # Each request counted once: the newcomer completed, the runner failed (solo's two too).
+    assert (engine.stats.completed, engine.stats.errors) == (3, 1)
+
+
+def test_a_stop_that_times_out_never_leaves_two_workers(engine):
+    entered, release, decode = threading.Event(), threading.Event(), engine.runner.decode
+
+    def stuck_decode(batch: Any) -> Any:
+        entered.set()
+        release.wait(30)
+        return decode(batch)
+
+    engine.runner.decode = stuck_decode  # type: ignore[method-assign]
+    stream = engine.submit(user("Go on."), RUNNER)
+    assert entered.wait(30)  # the worker is inside a step that does not return yet
+    old = engine._thread
+    engine.stop(timeout=0.1)
+    assert old is not None and old.is_alive()  # still in its step
+    threading.Timer(0.5, release.set).start()
+    engine.start()  # waits for the old worker instead of starting a second one beside it
+    assert not old.is_alive() and engine._thread is not old
+    _, error = collect(stream)
+    assert isinstance(error, EngineStoppedError)
+    engine.runner.decode = decode  # type: ignore[method-assign]
+    assert collect(engine.submit(user("hi"), GREEDY))[1] is None
+
+
+def test_a_request_that_never_fits_the_kv_budget_is_refused_at_once(tiny_chat):
+    engine = BatchingEngine(tiny_chat, kv_cache_mb=0.01)  # a few tokens of the tiny model
+    engine.start()
+    try:
+        with pytest.raises(ValueError, match="DHLLM_KV_CACHE_MB"):
+            engine.submit(user(LONG_PROMPT), GREEDY)
+        assert engine.stats.submitted == 0
+    finally:
+        engine.stop()
+
+
+def test_a_request_that_never_fits_gets_a_400_naming_the_setting(tiny_chat):
+    import requests
+
+    from helpers.server import serve_in_background
+    from tests.conftest import free_port
+
+    with serve_in_background(tiny_chat, port=free_port(), kv_cache_mb=0.01) as handle:
+        response = requests.post(handle.url + "/v1/chat/completions", timeout=60, json={
+            "messages": user(LONG_PROMPT), "max_tokens": 50})
+        assert response.status_code == 400
+        assert "DHLLM_KV_CACHE_MB" in response.json()["error"]["message"]
+        chapter = requests.post(handle.url, timeout=60, json={"prompt": LONG_PROMPT})
+        assert chapter.status_code == 400 and "DHLLM_KV_CACHE_MB" in chapter.json()["detail"]
+
+
+def test_a_server_stopping_mid_request_answers_503_never_an_empty_200(tiny_chat):
+    import requests
+
+    from helpers.server import create_app, serve_in_background
+    from tests.conftest import free_port
+
+    app = create_app(tiny_chat)
+    engine = app.state.engine
+    with serve_in_background(app, port=free_port()) as handle:
+        engine.eos = set()  # (as vLLM's ignore_eos) the reply below runs until the stop
+        answer: dict[str, Any] = {}
+
+        def ask() -> None:
+            answer["response"] = requests.post(handle.url + "/v1/chat/completions", timeout=60,
+                                               json={"messages": user("Tell me a story."),
+                                                     "max_tokens": 1000})
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        deadline = time.monotonic() + 30
+        while engine.stats.running < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        engine.stop()  # what the app's lifespan does when the server stops
+        asker.join(60)
+        response = answer["response"]
+        assert response.status_code == 503, response.text
+        assert "shutting down" in response.json()["error"]["message"]
+        assert response.headers["Retry-After"]

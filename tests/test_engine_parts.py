@@ -15,8 +15,8 @@ from helpers.server.engine.kv import keep_rows, kv_bytes_per_token, kv_tensors, 
 from helpers.server.engine.prefill import PrefillGroup
 from helpers.server.engine.prefix_cache import PrefixCache
 from helpers.server.engine.runner import ModelRunner
-from helpers.server.engine.sampling import pick_tokens
-from helpers.server.engine.scheduler import BatchLoad, Request, Scheduler
+from helpers.server.engine.sampling import BatchSampler
+from helpers.server.engine.scheduler import PATIENCE, BatchLoad, Request, Scheduler
 
 LAYERS, HEADS, DIM, BLOCK = 2, 2, 3, 4
 
@@ -131,26 +131,36 @@ def test_kv_bytes_per_token_of_a_llama_like_config():
     assert kv_bytes_per_token(Config, torch.float16) == 23040
 
 
-# Sampling.
+# Sampling (BatchSampler: tests/test_sampling.py compares it with transformers' processors).
 
 LOGITS = torch.tensor([[0.0, 3.0, 1.0, 2.0], [4.0, 0.0, 0.0, 3.9]])
+
+
+def sampler(*params: GenerationParams, prompts: list[list[int]] | None = None) -> BatchSampler:
+    """A sampler over 4 tokens with one admitted slot per ``params``, in order."""
+    result = BatchSampler(len(params), 4)
+    for slot, p in enumerate(params):
+        result.admit(slot, p, (prompts or [[]] * len(params))[slot])
+    return result
 
 
 def test_greedy_and_top_k_one_take_the_most_likely_token():
     greedy = GenerationParams(temperature=0)
     top1 = GenerationParams(temperature=1.0, top_k=1)
-    assert pick_tokens(LOGITS, [greedy, top1], [None, None], [None, None]).tolist() == [1, 0]
+    assert sampler(greedy, top1).pick(LOGITS, [0, 1]).tolist() == [1, 0]
 
 
 def test_top_p_that_rounds_to_zero_keeps_the_most_likely_token():
     params = GenerationParams(temperature=1.0, top_p=1e-300)  # 0 in float32
+    picker = sampler(params, params)
     for _ in range(20):
-        assert pick_tokens(LOGITS, [params, params], [None, None], [None, None]).tolist() == [1, 0]
+        assert picker.pick(LOGITS, [0, 1]).tolist() == [1, 0]
 
 
 def test_top_k_draws_only_among_the_k_best():
-    params = GenerationParams(temperature=5.0, top_k=2)  # hot: without top_k all four appear
-    drawn = {int(pick_tokens(LOGITS[:1], [params], [None], [None])[0]) for _ in range(200)}
+    params = GenerationParams(temperature=5.0, top_k=2, max_new_tokens=200)  # hot: all 4 else
+    picker = sampler(params)
+    drawn = {int(picker.pick(LOGITS[:1], [0])[0]) for _ in range(200)}
     assert drawn == {1, 3}
 
 
@@ -158,10 +168,11 @@ def test_seeded_rows_are_reproducible_and_independent_of_their_batch():
     params = GenerationParams(temperature=1.5, seed=3)
 
     def draws(rows: int) -> list[int]:
-        generator = torch.Generator().manual_seed(3)
+        picker = BatchSampler(rows, 50)
+        for slot in range(rows):
+            picker.admit(slot, params if slot == 0 else GenerationParams(temperature=1.5), [])
         logits = torch.zeros((rows, 50))
-        return [int(pick_tokens(logits, [params] * rows, [generator] + [None] * (rows - 1),
-                                [None] * rows)[0]) for _ in range(10)]
+        return [int(picker.pick(logits, list(range(rows)))[0]) for _ in range(10)]
 
     assert draws(1) == draws(1) == draws(3)
     assert len(set(draws(1))) > 1
@@ -169,11 +180,20 @@ def test_seeded_rows_are_reproducible_and_independent_of_their_batch():
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_scores():
     logits = torch.tensor([[2.0, -1.0, 1.9, -1.5]])
-    seen = [torch.tensor([0, 1])]
     penalised = GenerationParams(temperature=0, repetition_penalty=2.0)
-    assert pick_tokens(logits, [GenerationParams(temperature=0)], [None], [None]).tolist() == [0]
+    assert sampler(GenerationParams(temperature=0), prompts=[[0, 1]]).pick(logits, [0]).tolist() == [0]
     # 2.0 -> 1.0 and -1.0 -> -2.0: token 2 (1.9) wins now.
-    assert pick_tokens(logits, [penalised], [None], seen).tolist() == [2]
+    assert sampler(penalised, prompts=[[0, 1]]).pick(logits, [0]).tolist() == [2]
+
+
+def test_extreme_scores_and_parameters_still_give_a_token():
+    logits = torch.tensor([[float("nan"), float("inf"), 1.0, -float("inf")],
+                           [float("nan")] * 4])
+    params = GenerationParams(temperature=1e-9, top_p=0.5, repetition_penalty=1e-300)
+    picker = sampler(params, params, prompts=[[0], [0]])
+    for _ in range(5):
+        first, second = picker.pick(logits, [0, 1]).tolist()
+        assert first == 1 and 0 <= second < 4  # +inf wins; an all-nan row still gives a token
 
 
 # PrefillGroup on a tiny random model: chunks give the logits of one pass.
@@ -189,7 +209,7 @@ def test_chunked_prefill_equals_one_pass(tiny_chat):
             group = PrefillGroup(prompts, [(0, None)] * 3, pad_id=0, device=model.device)
             logits, steps = None, 0
             while logits is None:
-                logits = group.step(forward, chunk or group.rows * group.width)
+                logits = group.step(forward, chunk or group.size * group.width)
                 steps += 1
             assert steps == (1 if not chunk else -(-37 // max(1, chunk // 3)))
             for i in range(3):
@@ -208,10 +228,35 @@ def test_scheduler_admits_while_the_kv_budget_holds_then_waits():
         scheduler.add(request(100, 200))  # 300 tokens each: 3 fit in 1000
     plan = scheduler.plan(BatchLoad())
     assert len(plan.admit) == 3 and plan.stage == "prefill" and not plan.decode
-    assert plan.prefill_tokens == 0  # nothing runs: whole prompts in one pass
-    running = BatchLoad(running=3, kv_tokens=900)
+    assert plan.prefill_tokens is None  # nothing runs: whole prompts in one pass
+    running = BatchLoad(running=3, widest=300)
     assert scheduler.plan(running).admit == [] and len(scheduler.waiting) == 2
-    assert len(scheduler.plan(BatchLoad(running=1, kv_tokens=300)).admit) == 2
+    assert len(scheduler.plan(BatchLoad(running=1, widest=300)).admit) == 2
+
+
+def test_scheduler_counts_the_padded_rectangle_the_batch_really_holds():
+    # Three running rows of 100 tokens each, one newcomer of 300: the sum (600) would fit a
+    # budget of 1000, but the batch pads every row to the widest: 4 x 300 = 1200 does not.
+    scheduler = Scheduler(max_rows=64, kv_budget_tokens=1000, chunk_tokens=64, max_queue=8)
+    scheduler.add(request(100, 200))
+    assert scheduler.plan(BatchLoad(running=3, widest=100)).admit == []
+    assert len(scheduler.plan(BatchLoad(running=2, widest=100)).admit) == 1  # 3 x 300 fits
+
+
+def test_scheduler_lets_smaller_requests_past_one_that_does_not_fit_then_holds_them():
+    scheduler = Scheduler(max_rows=64, kv_budget_tokens=1000, chunk_tokens=64, max_queue=64)
+    big, small = request(300, 100), request(50, 50)  # 400 and 100 tokens
+    scheduler.add(big)
+    scheduler.add(small)
+    load = BatchLoad(running=2, widest=300)  # 3 x 400 = 1200 > 1000; 3 x 300 = 900 fits
+    assert scheduler.plan(load).admit == [small] and list(scheduler.waiting) == [big]
+    assert big.passed_over == 1
+    for _ in range(PATIENCE - 1):
+        scheduler.add(request(50, 50))
+        assert len(scheduler.plan(load).admit) == 1
+    scheduler.add(request(50, 50))
+    assert scheduler.plan(load).admit == []  # passed over often enough: it goes next
+    assert scheduler.plan(BatchLoad(running=1, widest=100)).admit[0] is big
 
 
 def test_scheduler_hard_cap_lone_big_request_and_queue_limit():

@@ -73,6 +73,7 @@ def test_multi_turn_reuse_gives_the_same_greedy_output(request, which):
     try:
         without, _ = converse(lambda m: run(plain, m, GREEDY))
         with_reuse, _ = converse(lambda m: run(cached, m, GREEDY, finishes))
+        held = cached.stats.cache_bytes  # (a stopped engine gives its cache back)
     finally:
         plain.stop()
         cached.stop()
@@ -86,7 +87,7 @@ def test_multi_turn_reuse_gives_the_same_greedy_output(request, which):
     assert finishes[0].cached_tokens == 0
     assert cached.stats.cache_hits == 2
     assert cached.stats.cached_tokens == sum(f.cached_tokens for f in finishes)
-    assert 0 < cached.stats.cache_bytes <= cached.prefix_cache.budget_bytes
+    assert 0 < held <= cached.prefix_cache.budget_bytes
 
 
 def test_rows_with_different_cached_prefixes_share_one_prefill(tiny_chat):
@@ -229,3 +230,48 @@ def test_embedded_multi_turn_reuse_gives_the_same_greedy_output(embedded_chat):
     assert answers == reference
     assert [f.cached_tokens for f in finishes][0] == 0
     assert all(f.cached_tokens > 600 for f in finishes[1:])  # the persona (~630 tokens) and more
+
+
+def test_a_stopped_engine_gives_its_prefix_cache_back(tiny_chat):
+    engine = started(tiny_chat)
+    try:
+        run(engine, conversation([], 0), GREEDY)
+        assert len(engine.prefix_cache) > 0 and engine.stats.cache_bytes > 0
+    finally:
+        engine.stop()
+    assert len(engine.prefix_cache) == 0 and engine.prefix_cache.bytes == 0
+    assert engine.stats.cache_bytes == 0
+
+
+def test_a_short_prompt_prefills_beside_a_long_one_already_under_way(tiny_chat):
+    # vLLM's chunked-prefill scheduling: an arrival does not wait for an earlier group's prefill.
+    running_params = GenerationParams(max_new_tokens=300, temperature=0, repetition_penalty=1.3)
+    long, short = [{"role": "user", "content": PERSONA[:1500]}], user("Hi.")
+    solo_engine = started(tiny_chat, prefix_cache_mb=0)
+    try:
+        solo_long, solo_short = run(solo_engine, long, GREEDY), run(solo_engine, short, GREEDY)
+    finally:
+        solo_engine.stop()
+    engine = started(tiny_chat, prefill_chunk_tokens=8, prefix_cache_mb=0)
+    order: list[int] = []
+    finish_prefill = engine.kv.finish_prefill
+
+    def record(prefilling):
+        order.extend(len(r.prompt_ids) for r in prefilling.rows)
+        finish_prefill(prefilling)
+
+    engine.kv.finish_prefill = record  # type: ignore[method-assign]
+    try:
+        runner = engine.submit(RUNNER, running_params)  # decoding: prefills go in chunks
+        pieces = iter(runner)
+        next(pieces)
+        arriving_long = engine.submit(long, GREEDY)
+        wait_for(lambda: engine.stats.prefill_chunks >= 3)  # the long prompt is under way
+        arriving_short = engine.submit(short, GREEDY)
+        texts = ["".join(arriving_short), "".join(arriving_long)]
+        runner.cancel()
+    finally:
+        engine.stop()
+    assert texts == [solo_short, solo_long]
+    long_ids, short_ids = len(tiny_chat.prompt_ids(long)), len(tiny_chat.prompt_ids(short))
+    assert order[-2:] == [short_ids, long_ids]  # the later, shorter prompt was done first

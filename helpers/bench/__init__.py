@@ -1,8 +1,9 @@
 """``dhllm bench``: what a digital human's users feel, for our server and its peers, in one run.
 
 Per server (each in its own process, started by name from ``peers.PEERS``, the servers taking
-turns round after round, A B A B): aggregate tokens/s for 1 and 8 concurrent streaming clients,
-a classroom of 30 requests at once (p50/p95 of each request's time), time to first token and to
+turns round after round, A B A B): aggregate tokens/s for 1, 8 and 16 concurrent streaming
+clients, 8 clients with the chapter's sampling (``POST /``'s top_k 20 and repetition_penalty
+1.15, for servers that take them), a classroom of 30 requests at once (p50/p95 of each request's time), time to first token and to
 the first whole sentence
 (what a TTS voice waits for), TTFT at turn 1 and turn 8 of a conversation with a ~600-token
 persona (prefix reuse), and the longest pause of 3 running streams while a ~1500-token prompt
@@ -23,6 +24,7 @@ from typing import Any
 
 from helpers.bench.audio import first_audio, first_audio_table
 from helpers.bench.load import (
+    CHAPTER_SAMPLING,
     LoadResult,
     health_latency_during,
     merge_loads,
@@ -37,7 +39,7 @@ from helpers.bench.report import format_table, plot_sweep, plot_turns
 
 __all__ = [
     "PEERS", "BenchConfig", "BenchReport", "Handle", "LoadResult", "Peer", "PeerRequest",
-    "ServerProcess", "format_table", "free_port", "main", "run_bench",
+    "ServerProcess", "format_table", "free_port", "headline_clients", "main", "run_bench",
     "run_load",
 ]
 
@@ -51,7 +53,8 @@ class BenchConfig:
     temperature: float = 0.7
     rounds: int = 1  # requests each client sends, one after another, in a load run
     repeats: int = 2  # interleaved rounds: every server runs once per round (A B A B)
-    clients: Sequence[int] = (1, 8)
+    clients: Sequence[int] = (1, 8, 16)
+    chapter_clients: int = 8  # the chapter's sampling (POST / defaults) at this load; 0 = skip
     classroom: int = 30  # the "30 at once" run: p50/p95 of each request's time (0 = skip)
     sweep: Sequence[int] = (1, 2, 4, 8, 16)
     servers: Sequence[str] = ("dhllm", "serial")  # names in PEERS; "dhllm" gets the extras
@@ -68,7 +71,7 @@ class BenchConfig:
     def quick(cls, **overrides: Any) -> BenchConfig:
         """A small run (tests, a first look): few tokens, 2 turns, a short arriving prompt."""
         small: dict[str, Any] = {"tokens": 8, "rounds": 1, "repeats": 1, "classroom": 3,
-                                 "clients": (1, 2), "sweep": (),
+                                 "clients": (1, 2), "chapter_clients": 2, "sweep": (),
                                  "peers": (), "builtin": False, "persona_turns": 2,
                                  "pause_chars": 800, "pause_tokens": 24, "plot": None}
         return cls(**{**small, **overrides})
@@ -92,12 +95,20 @@ def measure_load(handle: Handle, cfg: BenchConfig) -> dict[str, LoadResult]:
     return out
 
 
+def measure_chapter(handle: Handle, cfg: BenchConfig) -> LoadResult:
+    """Throughput of ``cfg.chapter_clients`` clients sampling as every ``POST /`` of the chapter
+    does (top_k 20, repetition_penalty 1.15): what the chapter's own defaults cost."""
+    return run_load(handle.url, cfg.chapter_clients, cfg.rounds, cfg.tokens, cfg.temperature,
+                    handle.model, sampling=CHAPTER_SAMPLING)
+
+
 def measure_latency(handle: Handle, cfg: BenchConfig) -> dict[str, Any]:
     """Time to first audio, TTFT by turn of the persona conversation, and the long-prompt pause."""
     out: dict[str, Any] = {}
     if cfg.first_audio:  # whole answer then TTS vs streamed sentences, at each client count
         out["first_audio"] = {str(n): first_audio(handle.url, handle.model, n, cfg.tokens,
-                                                  cfg.temperature) for n in cfg.clients}
+                                                  cfg.temperature)
+                              for n in cfg.clients if n <= headline_clients(cfg.clients)}
     if cfg.persona_turns:
         out["persona"] = persona_ttft(handle.url, handle.model, cfg.persona_turns, cfg.tokens)
     if cfg.pause_chars:
@@ -136,6 +147,8 @@ def run_server(name: str, req: PeerRequest, cfg: BenchConfig, report: BenchRepor
     try:
         handle = peer.start(req).wait(600)  # vLLM peers compile for ~60-95 s
         loads = measure_load(handle, cfg)
+        if peer.chapter_sampling and cfg.chapter_clients:
+            loads["chapter"] = measure_chapter(handle, cfg)
         if last and name != "serial":
             report.results.setdefault(peer.key, {}).update(measure_latency(handle, cfg))
         if last and name == "dhllm":
@@ -177,9 +190,17 @@ def run_interleaved(names: Sequence[str], req: PeerRequest, cfg: BenchConfig,
         out = report.results.setdefault(PEERS[name].key, {})
         for key in runs[0]:
             out[key] = merge_loads([run[key] for run in runs if key in run])
-        low, high = str(min(cfg.clients)), str(max(cfg.clients))
+        low, high = str(min(cfg.clients)), str(headline_clients(cfg.clients))
         out["ratio"] = out[high]["tokens_per_s"] / max(out[low]["tokens_per_s"], 1e-9)
+        if "chapter" in out and str(cfg.chapter_clients) in out:
+            out["chapter_vs_plain"] = (out["chapter"]["tokens_per_s"]
+                                       / max(out[str(cfg.chapter_clients)]["tokens_per_s"], 1e-9))
     return sweeps
+
+
+def headline_clients(clients: Sequence[int]) -> int:
+    """The "many clients" column of the table: 8 (a classroom's table) when measured."""
+    return 8 if 8 in clients else max(clients)
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchReport:

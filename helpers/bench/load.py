@@ -18,6 +18,9 @@ from helpers.client import iter_sse_data
 from helpers.speech import SentenceSplitter
 
 PROMPT = "Tell me a short story about a brave little robot."
+# What every ``POST /`` of the chapter samples with (helpers.server.protocol's CHAPTER_*), sent
+# to /v1 as the extra fields that vLLM and our server both take.
+CHAPTER_SAMPLING = {"top_k": 20, "repetition_penalty": 1.15}
 
 @dataclass
 class Reply:
@@ -37,10 +40,15 @@ class Reply:
 
 def stream_chat(url: str, model: str, messages: Sequence[dict[str, str]], tokens: int,
                 temperature: float, session: requests.Session,
-                on_piece: Callable[[Reply], None] | None = None) -> Reply:
-    """Send one streamed chat request; time every piece and the first whole sentence."""
+                on_piece: Callable[[Reply], None] | None = None,
+                sampling: dict[str, Any] | None = None) -> Reply:
+    """Send one streamed chat request; time every piece and the first whole sentence.
+
+    ``sampling``: more fields of the request body (``CHAPTER_SAMPLING``, say).
+    """
     body = {"model": model, "messages": list(messages), "max_tokens": tokens,
-            "temperature": temperature, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": temperature, "stream": True, "stream_options": {"include_usage": True},
+            **(sampling or {})}
     reply, usage, started = Reply(), None, time.perf_counter()
     with session.post(f"{url}/v1/chat/completions", json=body, stream=True,
                       timeout=600) as response:
@@ -89,7 +97,8 @@ class LoadResult:
 
 
 def run_load(url: str, clients: int, rounds: int = 1, tokens: int = 48,
-             temperature: float = 0.7, model: str = "model") -> LoadResult:
+             temperature: float = 0.7, model: str = "model",
+             sampling: dict[str, Any] | None = None) -> LoadResult:
     """``clients`` threads each send ``rounds`` requests one after another; all start together."""
     barrier = threading.Barrier(clients)
     messages = [{"role": "user", "content": PROMPT}]
@@ -100,7 +109,8 @@ def run_load(url: str, clients: int, rounds: int = 1, tokens: int = 48,
         out: list[Reply | None] = []
         for _round in range(rounds):
             try:
-                out.append(stream_chat(url, model, messages, tokens, temperature, session))
+                out.append(stream_chat(url, model, messages, tokens, temperature, session,
+                                       sampling=sampling))
             except requests.RequestException:
                 out.append(None)
         return out

@@ -50,6 +50,9 @@ class Peer:
     key: str
     label: str
     start: Callable[[PeerRequest], Handle]
+    # Its /v1 takes top_k and repetition_penalty as fields (transformers serve 5.25 takes them
+    # only inside a ``generation_config`` JSON string: not sent, no chapter column for it).
+    chapter_sampling: bool = False
 
 
 class ServerProcess:
@@ -120,16 +123,16 @@ def transformers_process(req: PeerRequest, continuous_batching: bool) -> ServerP
 
 
 PEERS: dict[str, Peer] = {
-    "dhllm": Peer("ours", "dhllm (continuous batching)", dhllm_process),
+    "dhllm": Peer("ours", "dhllm (continuous batching)", dhllm_process, True),
     "serial": Peer("serial", "serial chapter-style",
-                   lambda req: dhllm_process(req, max_batch_size=1)),
+                   lambda req: dhllm_process(req, max_batch_size=1), True),
     "plain": Peer("transformers_serve", "transformers serve",
                   lambda req: transformers_process(req, False)),
     "cb": Peer("transformers_serve_cb", "transformers serve --cont.-batch.",
                lambda req: transformers_process(req, True)),
-    "vllm": Peer("vllm", "vLLM (bare)", lambda req: VLLMPeer(req)),
+    "vllm": Peer("vllm", "vLLM (bare)", lambda req: VLLMPeer(req), True),
     "dhllm-vllm": Peer("dhllm_vllm", "dhllm --engine vllm",
-                       lambda req: dhllm_process(req, engine="vllm")),
+                       lambda req: dhllm_process(req, engine="vllm"), True),
 }
 
 

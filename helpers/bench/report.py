@@ -9,11 +9,16 @@ from typing import Any
 from helpers.bench.peers import PEERS
 
 
-def _row(label: str, r: dict[str, Any], low: str, high: str) -> str:
+def _row(label: str, r: dict[str, Any], low: str, high: str, more: list[str]) -> str:
     one, many = r.get(low, {}), r.get(high, {})
     cells = [f"{one.get('tokens_per_s', 0):.1f}", f"{many.get('tokens_per_s', 0):.1f}",
-             f"{r.get('ratio', 0):.2f}x", f"{one.get('ttft_p50', 0) * 1000:.0f} ms",
-             f"{one.get('first_sentence_p50', 0) * 1000:.0f} ms"]
+             *(f"{r[c]['tokens_per_s']:.1f}" if c in r else "-" for c in more),
+             f"{r.get('ratio', 0):.2f}x"]
+    chapter = r.get("chapter")
+    cells.append(f"{chapter['tokens_per_s']:.1f} ({r.get('chapter_vs_plain', 0):.2f}x)"
+                 if chapter else "-")
+    cells += [f"{one.get('ttft_p50', 0) * 1000:.0f} ms",
+              f"{one.get('first_sentence_p50', 0) * 1000:.0f} ms"]
     room = r.get("classroom")
     cells.append(f"{room['full_p50']:.1f} / {room['full_p95']:.1f} s"
                  + (f" ({room['errors']} errors)" if room["errors"] else "") if room else "-")
@@ -30,16 +35,20 @@ def format_table(report: Any) -> str:
     """The headline figures as a Markdown table, then the other findings as lines."""
     r = report.results
     clients = report.config.get("clients") or [1, 8]
-    low, high = str(min(clients)), str(max(clients))
+    low, high = str(min(clients)), str(8 if 8 in clients else max(clients))
+    more = [str(c) for c in sorted(clients) if str(c) not in (low, high)]
     room = report.config.get("classroom") or 0
-    lines = [f"| server | {low} client tok/s | {high} clients tok/s | {high} vs {low} | "
-             f"TTFT short | first sentence | {room} at once p50 / p95 | TTFT turn 1 -> last | "
-             "longest pause / median gap |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    chapter = report.config.get("chapter_clients") or high
+    header = ["server", f"{low} client tok/s", f"{high} clients tok/s",
+              *(f"{c} clients tok/s" for c in more), f"{high} vs {low}",
+              f"chapter sampling, {chapter} clients tok/s (vs plain)", "TTFT short",
+              "first sentence", f"{room} at once p50 / p95", "TTFT turn 1 -> last",
+              "longest pause / median gap"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     labels = {peer.key: peer.label for peer in PEERS.values()}
     for key, row in r.items():
         if key in labels or key.startswith("peer:"):
-            lines.append(_row(labels.get(key, key), row, low, high))
+            lines.append(_row(labels.get(key, key), row, low, high, more))
     lines += _rounds(r, labels, clients)
     lines += _details(r, low)
     lines += [f"note: {n}" for n in report.notes]

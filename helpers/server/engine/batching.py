@@ -24,11 +24,11 @@ from helpers.chat import GenerationParams, Message, TokenBatchable
 from helpers.config import Settings, get_settings
 from helpers.server.engine.base import Engine, EngineStoppedError, Finish, Stream
 from helpers.server.engine.kv import kv_bytes_per_token
-from helpers.server.engine.kv_manager import KVManager
+from helpers.server.engine.kv_manager import KVManager, Prefilling
 from helpers.server.engine.prefix_cache import PrefixCache, reusable
 from helpers.server.engine.rows import Row
 from helpers.server.engine.runner import ModelRunner
-from helpers.server.engine.scheduler import Request, Scheduler, StepPlan
+from helpers.server.engine.scheduler import PATIENCE, Request, Scheduler, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,11 @@ class BatchingEngine(Engine):
         prefix_cache = (PrefixCache(int(settings.prefix_cache_mb * 2**20))
                         if settings.prefix_cache_mb > 0 and reusable(model.config) else None)
         self.kv = KVManager(prefix_cache, self._count)
-        self.runner = ModelRunner(model)
+        self.runner = ModelRunner(model, settings.max_batch_size)
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._failure: BaseException | None = None  # why the worker died, if it did
 
     @property
     def prefix_cache(self) -> PrefixCache | None:
@@ -77,23 +78,32 @@ class BatchingEngine(Engine):
 
     # Public side (any thread).
 
-    def start(self) -> None:
-        """Start the worker thread."""
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the worker thread; one at most (a worker still stopping is waited for)."""
         with self._lock:
-            if self._thread is not None and self._thread.is_alive():
+            old = self._thread
+            if old is not None and old.is_alive() and not self._stopping:
                 return
-            self._stopping = False
+        if old is not None:
+            old.join(timeout)  # a stop() that timed out: its worker may still be in a step
+            if old.is_alive():
+                raise EngineStoppedError("the previous worker is still stopping; try again soon")
+        with self._lock:
+            self._stopping, self._failure = False, None
             self._thread = threading.Thread(target=self._loop, name="dhllm-engine", daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the worker; requests still running end with EngineStoppedError."""
+        """Stop the worker; requests still running end with EngineStoppedError.
+
+        A worker that is still in a step after ``timeout`` seconds ends its streams when the step
+        returns; ``start()`` waits for it, so two workers never share the KV manager.
+        """
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-            self._thread = None
 
     def submit(self, messages: Sequence[Message], params: GenerationParams,
                prompt_text: str | None = None) -> Stream:
@@ -109,12 +119,23 @@ class BatchingEngine(Engine):
                 f"messages: the prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
                 f"({params.max_new_tokens}) exceeds the model's context of {self.max_positions}"
             )
-        stream = Stream()
+        request = Request(Stream(), list(prompt_ids), params)
+        if not self.scheduler.fits_alone(request):
+            raise ValueError(
+                f"messages: the prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
+                f"({params.max_new_tokens}) needs more KV cache than this server holds "
+                f"({self.kv_budget_tokens} tokens, DHLLM_KV_CACHE_MB); shorten the prompt or "
+                f"lower max_tokens"
+            )
+        stream = request.stream
         with self._wake:
-            if self._thread is None or self._stopping:
+            if self._failure is not None:
+                raise EngineStoppedError(f"the engine's worker stopped after an error "
+                                         f"({type(self._failure).__name__}); restart the server")
+            if self._thread is None or self._stopping or not self._thread.is_alive():
                 raise EngineStoppedError("the engine is not running")
             try:
-                self.scheduler.add(Request(stream, list(prompt_ids), params))
+                self.scheduler.add(request)
             except Exception:
                 self.stats.rejected += 1
                 raise
@@ -128,10 +149,16 @@ class BatchingEngine(Engine):
     def _loop(self) -> None:
         import torch
 
-        with torch.inference_mode():
-            while (plan := self._next_plan()) is not None:
-                self._step(plan)
-            self._shut_down()
+        error: BaseException = EngineStoppedError("the server is shutting down")
+        try:
+            with torch.inference_mode():
+                while (plan := self._next_plan()) is not None:
+                    self._step(plan)
+        except BaseException as exc:  # a bug outside every stage's guard: no stream may hang
+            log.exception("the engine's worker failed; every open request ends with the error")
+            error = self._failure = exc
+        finally:
+            self._shut_down(error)
 
     def _next_plan(self) -> StepPlan | None:
         """Wait for work, then ask the scheduler for the next step (None: stop)."""
@@ -149,34 +176,39 @@ class BatchingEngine(Engine):
         if plan.admit:
             self._admit(plan.admit)
         if plan.decode:
-            self._stage(lambda: self.runner.decode(self.kv.running), self.kv.take_running)
+            self._run_stage(lambda: self.kv.advance(self.runner.decode(self.kv.running)),
+                            self.kv.take_running)
             with self._lock:
                 self.stats.decode_steps += 1
-                self.stats.decode_steps_during_prefill += self.kv.prefilling is not None
+                self.stats.decode_steps_during_prefill += bool(self.kv.prefilling)
         # A prefilled group joins in a step of its own, after a decode step: the join copies
         # the whole batch's KV, and doing it right after the last chunk would add both to one
         # pause of the running streams. Storing a long prompt's blocks is a stage of its own too.
         if plan.stage == "join":
-            prefilled = self.kv.take_prefilled()
-            for r in prefilled.rows:
-                if r.finish_reason is not None:  # one token was all it needed
-                    self._finish(r)
-            self._stage(lambda: self.kv.join(prefilled), lambda: [
-                r for r in prefilled.rows if r.finish_reason is None])
+            for prefilled in self.kv.take_prefilled():
+                for r in prefilled.rows:
+                    if r.finish_reason is not None:  # one token was all it needed
+                        self._finish(r)
+                self._run_stage(lambda p=prefilled: self.kv.join(p), lambda p=prefilled: [
+                    r for r in p.rows if r.finish_reason is None])
         elif plan.stage == "store":
             for blocks in self.kv.take_blocks():
                 self.kv.store(blocks)
         elif plan.stage == "prefill":
-            self._stage(lambda: self._prefill_chunk(plan.prefill_tokens), self.kv.take_prefilling)
+            self._prefill(plan.prefill_tokens)
         self._update_gauges()
 
-    def _stage(self, work: Callable[[], None], lose: Callable[[], list[Row]]) -> None:
-        """Run one stage, then send the new pieces; on failure fail the rows ``lose`` takes."""
+    def _run_stage(self, work: Callable[[], None], take_rows: Callable[[], list[Row]]) -> None:
+        """Run one stage (``work``), then send the new pieces.
+
+        If it raises, ``take_rows()`` takes the rows that stage held out of the KV manager and
+        exactly those end with the error; every other row goes on.
+        """
         try:
             work()
         except Exception as exc:  # e.g. out of memory; the loop lives on for the next requests
             log.exception("an engine stage failed; its rows end with the error")
-            self._fail(lose(), exc)
+            self._fail(take_rows(), exc)
         self._emit_and_prune()
 
     def _admit(self, requests: list[Request]) -> None:
@@ -188,23 +220,44 @@ class BatchingEngine(Engine):
                 req.stream.close(Finish("cancelled", len(req.prompt_ids)))
                 continue
             try:
-                rows.append(Row.new(req.stream, req.prompt_ids, req.params, self.batchable,
-                                    self.runner.device))
+                row = Row.new(req.stream, req.prompt_ids, req.params, self.batchable)
+                self.runner.admit(row)
+                rows.append(row)
             except Exception as exc:  # this request only
                 self._count("errors")
                 req.stream.close(Finish("error", len(req.prompt_ids), error=exc))
         if rows:
-            self._stage(lambda: self.kv.open_group(rows, self.pad_id, self.runner.device),
+            self._run_stage(lambda: self.kv.open_group(rows, self.pad_id, self.runner.device),
                         lambda: rows)
 
-    def _prefill_chunk(self, budget: int) -> None:
-        """One chunk of the group's prefill; after the last, the first tokens go out."""
+    def _prefill(self, budget: int | None) -> None:
+        """Prefill groups take chunks within this step's token ``budget`` (None: all of them).
+
+        As in vLLM's chunked-prefill scheduling, one token budget per step is shared by every
+        prompt under way, so an arrival never waits for an earlier prompt's whole prefill. The
+        group with the least left goes first (a short question overtakes a long document), and
+        the next one gets what the budget has left. Each group is a forward pass of its own
+        here (vLLM packs them into one), so most steps run one; a group that got nothing for
+        ``PATIENCE`` steps goes first.
+        """
         for r in self.kv.drop_cancelled():  # their partial KV is never stored
             r.finish_reason = "cancelled"
             self._finish(r)
-        prefilling = self.kv.prefilling
-        if prefilling is None:
-            return
+        groups = sorted(self.kv.prefilling,
+                        key=lambda p: (p.waited < PATIENCE, p.group.remaining))
+        left = budget
+        for prefilling in groups:
+            if left is not None and left <= 0:
+                prefilling.waited += 1
+                continue
+            before, prefilling.waited = prefilling.group.remaining, 0
+            self._run_stage(lambda p=prefilling, b=left: self._prefill_chunk(p, b),
+                            lambda p=prefilling: self.kv.take_group(p))
+            if left is not None:
+                left -= before - prefilling.group.remaining
+
+    def _prefill_chunk(self, prefilling: Prefilling, budget: int | None) -> None:
+        """One chunk of one group's prefill; after the last, its first tokens go out."""
         done = self.runner.prefill_chunk(prefilling, budget)
         self._count("prefill_chunks")
         if not done:
@@ -213,39 +266,47 @@ class BatchingEngine(Engine):
             r.emit(self.eos)  # the first token goes out now; joining the batch comes next
         self._count("prefills")
         self._count("prompt_tokens", sum(len(r.prompt_ids) for r in prefilling.rows))
-        self.kv.finish_prefill()
+        self.kv.finish_prefill(prefilling)
 
     def _emit_and_prune(self) -> None:
-        """Send each running row's new text; drop finished, cancelled and failed rows."""
-        rows, keep = self.kv.running.rows, []
-        for i, r in enumerate(rows):
+        """Send each running row's new text; the KV manager lets the ended rows go; close them."""
+        rows = self.kv.running.rows
+        for r in rows:
             try:
                 r.emit(self.eos)
             except Exception as exc:  # e.g. a tokenizer that cannot decode: this row only
                 self._fail([r], exc)
-                continue
-            if r.finish_reason is None:
-                keep.append(i)
-            else:
-                if self.prefix_cache is not None:
-                    self.kv.store(self.kv.finished_blocks(i))
-                    self._update_gauges()  # before the client hears the end
-                self._finish(r)
         with self._lock:
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
-        if len(keep) < len(rows):
-            try:
-                self.kv.keep(keep)
-            except Exception as exc:
-                self._fail(self.kv.take_running(), exc)
+        try:
+            ended = self.kv.update_from_output()
+        except Exception as exc:  # the rows that ended keep their end; the others fail
+            for r in rows:
+                if r.finish_reason is not None:
+                    self._finish(r)
+            self._fail(self.kv.take_running(), exc)
+            return
+        if ended:
+            self._update_gauges()  # the blocks are stored before a client hears the end
+        for r in ended:
+            self._finish(r)  # (a row that failed above is closed already)
 
-    def _shut_down(self) -> None:
-        error = EngineStoppedError("the server is shutting down")
-        self._fail(self.kv.take_running() + self.kv.take_prefilling()
-                   + self.kv.take_prefilled().rows, error)
+    def _shut_down(self, error: BaseException) -> None:
+        """End every open and queued stream with ``error``; ``submit`` refuses from now on."""
         with self._wake:
-            for req in self.scheduler.drain():
-                req.stream.close(Finish("error", len(req.prompt_ids), error=error))
+            self._stopping = True  # before the drain: nothing joins the queue after it
+            queued = self.scheduler.drain()
+            self.stats.waiting = 0
+        self._fail(self.kv.take_running() + self.kv.take_prefilling()
+                   + [r for p in self.kv.take_prefilled() for r in p.rows], error)
+        self._count("errors", len(queued))
+        for req in queued:
+            req.stream.close(Finish("error", len(req.prompt_ids), error=error))
+        self.kv.take_blocks()
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()  # its KV is memory a stopped server should give back
+            with self._lock:
+                self.stats.cache_bytes = self.stats.cache_blocks = 0
 
     def _update_gauges(self) -> None:
         cache = self.prefix_cache
@@ -257,6 +318,11 @@ class BatchingEngine(Engine):
                 self.stats.cache_evictions = cache.evictions
 
     def _finish(self, r: Row) -> None:
+        """Close a row that ended by itself (stop, length, cancelled); once only."""
+        if r.closed:
+            return
+        r.closed = True
+        self.runner.release(r)
         with self._lock:
             self.stats.completion_tokens += len(r.tokens)
             if r.finish_reason == "cancelled":
@@ -267,8 +333,11 @@ class BatchingEngine(Engine):
                               cached_tokens=r.cached))
 
     def _fail(self, rows: list[Row], exc: BaseException) -> None:
+        """End these rows with ``exc``; rows already closed keep their Finish."""
+        rows = [r for r in rows if not r.closed]
         self._count("errors", len(rows))
         for r in rows:
-            r.finish_reason = "error"
+            r.closed, r.finish_reason = True, "error"
+            self.runner.release(r)
             r.stream.close(Finish("error", len(r.prompt_ids), len(r.tokens), error=exc,
                                   cached_tokens=r.cached))

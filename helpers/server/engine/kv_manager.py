@@ -1,8 +1,9 @@
 """The KV manager: the running batch's cache and mask, the prefill group, the prefix cache.
 
-State lives on named types: the decode batch (``RunningBatch``), the group being prefilled
-(``Prefilling``), a prefilled group waiting to join (``Prefilled``) and prompt blocks waiting
-to go into the prefix cache (``BlocksToStore``). Each ``take_*`` method removes one of them
+State lives on named types: the decode batch (``RunningBatch``), the groups being prefilled
+(``Prefilling``: several at once, newcomers need not wait for an earlier group), prefilled
+groups waiting to join (``Prefilled``) and prompt blocks waiting to go into the prefix cache
+(``BlocksToStore``). Each ``take_*`` method removes one of them
 and returns its rows: the engine fails exactly those when the stage that holds them fails.
 """
 
@@ -17,7 +18,7 @@ from helpers.server.engine.kv import keep_rows, kv_tensors, merge_rows, row_kv
 from helpers.server.engine.prefill import PrefillGroup
 from helpers.server.engine.prefix_cache import PrefixCache
 from helpers.server.engine.rows import Row
-from helpers.server.engine.scheduler import BatchLoad
+from helpers.server.engine.scheduler import BatchLoad, reserved_tokens
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,15 @@ class RunningBatch:
     cache: Any = None
     mask: Any = None  # [rows, cache length]
 
+    def decode_inputs(self, device: Any) -> tuple[Any, Any, Any]:
+        """A decode step's input ids, position ids and mask (one new column per row)."""
+        import torch
+
+        input_ids = torch.tensor([[r.next_token] for r in self.rows], device=device)
+        positions = torch.tensor([[r.position] for r in self.rows], device=device)
+        mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        return input_ids, positions, mask
+
 
 @dataclass
 class Prefilling:
@@ -37,6 +47,7 @@ class Prefilling:
 
     rows: list[Row]
     group: PrefillGroup
+    waited: int = 0  # steps in a row that this group's prefill did not advance
 
 
 @dataclass
@@ -67,8 +78,8 @@ class KVManager:
         self.prefix_cache = prefix_cache
         self._count = count  # the engine's counters
         self.running = RunningBatch()
-        self.prefilling: Prefilling | None = None
-        self.prefilled: Prefilled | None = None
+        self.prefilling: list[Prefilling] = []  # oldest first
+        self.prefilled: list[Prefilled] = []
         self.to_store: list[BlocksToStore] = []
 
     def busy(self) -> bool:
@@ -76,19 +87,19 @@ class KVManager:
         return bool(self.running.rows or self.prefilling or self.prefilled or self.to_store)
 
     def load(self) -> BatchLoad:
-        """The scheduler's view: rows, reserved KV tokens, stages pending."""
-        held = [*self.running.rows, *(self.prefilled.rows if self.prefilled else []),
-                *(self.prefilling.rows if self.prefilling else [])]
-        return BatchLoad(running=len(self.running.rows),
-                         prefilled=len(self.prefilled.rows) if self.prefilled else 0,
-                         kv_tokens=sum(r.kv_tokens for r in held),
-                         prefill_rows=len(self.prefilling.rows) if self.prefilling else 0,
+        """The scheduler's view: rows, the widest reservation, stages pending."""
+        prefilled = [r for p in self.prefilled for r in p.rows]
+        prefilling = [r for p in self.prefilling for r in p.rows]
+        held = [*self.running.rows, *prefilled, *prefilling]
+        return BatchLoad(running=len(self.running.rows), prefilled=len(prefilled),
+                         widest=max((reserved_tokens(r.prompt_ids, r.params) for r in held),
+                                    default=0),
+                         prefill_rows=len(prefilling),
                          storing=bool(self.to_store))
 
     def rows_prefilling(self) -> int:
         """Rows admitted whose prompts are not in the decode batch yet."""
-        return ((len(self.prefilling.rows) if self.prefilling else 0)
-                + (len(self.prefilled.rows) if self.prefilled else 0))
+        return sum(len(p.rows) for p in [*self.prefilling, *self.prefilled])
 
     # Taking state out: on failure, on shut-down, or to run a stage on it.
 
@@ -98,13 +109,18 @@ class KVManager:
         return rows
 
     def take_prefilling(self) -> list[Row]:
-        """Drop the prefill group; its rows."""
-        rows, self.prefilling = (self.prefilling.rows if self.prefilling else []), None
-        return rows
+        """Drop every prefill group; their rows."""
+        groups, self.prefilling = self.prefilling, []
+        return [r for p in groups for r in p.rows]
 
-    def take_prefilled(self) -> Prefilled:
-        """The prefilled group (empty if none), no longer held here."""
-        prefilled, self.prefilled = self.prefilled or Prefilled([], None, None), None
+    def take_group(self, group: Prefilling) -> list[Row]:
+        """Drop one prefill group (its chunk failed); its rows."""
+        self.prefilling = [p for p in self.prefilling if p is not group]
+        return group.rows
+
+    def take_prefilled(self) -> list[Prefilled]:
+        """The prefilled groups, no longer held here."""
+        prefilled, self.prefilled = self.prefilled, []
         return prefilled
 
     # Admission and prefill.
@@ -113,7 +129,7 @@ class KVManager:
         """Look up each row's cached prefix and start their prefill group."""
         cached = [self._lookup(r) for r in rows]
         group = PrefillGroup([r.prompt_ids for r in rows], cached, pad_id, device)
-        self.prefilling = Prefilling(rows, group)
+        self.prefilling.append(Prefilling(rows, group))
 
     def _lookup(self, row: Row) -> tuple[int, Any]:
         if self.prefix_cache is None:
@@ -125,24 +141,23 @@ class KVManager:
         return row.cached, kv
 
     def drop_cancelled(self) -> list[Row]:
-        """Rows of the prefill group whose clients left, taken out of it (their KV is never kept)."""
-        prefilling = self.prefilling
-        if prefilling is None:
-            return []
-        keep = [i for i, r in enumerate(prefilling.rows) if not r.stream.cancelled.is_set()]
-        gone = [r for i, r in enumerate(prefilling.rows) if i not in keep]
-        if not keep:
-            self.prefilling = None
-        elif gone:
-            prefilling.group.select(keep)
-            prefilling.rows = [prefilling.rows[i] for i in keep]
+        """Rows of the prefill groups whose clients left, taken out (their KV is never kept)."""
+        gone: list[Row] = []
+        for prefilling in list(self.prefilling):
+            keep = [i for i, r in enumerate(prefilling.rows) if not r.stream.cancelled.is_set()]
+            gone += [r for i, r in enumerate(prefilling.rows) if i not in keep]
+            if not keep:
+                self.take_group(prefilling)
+            elif len(keep) < len(prefilling.rows):
+                prefilling.group.select(keep)
+                prefilling.rows = [prefilling.rows[i] for i in keep]
         return gone
 
-    def finish_prefill(self) -> None:
+    def finish_prefill(self, prefilling: Prefilling) -> None:
         """The group's prompts are done: it waits to join the batch."""
-        assert self.prefilling is not None
-        rows, group = self.prefilling.rows, self.prefilling.group
-        self.prefilled, self.prefilling = Prefilled(rows, group.cache, group.mask), None
+        self.take_group(prefilling)
+        group = prefilling.group
+        self.prefilled.append(Prefilled(prefilling.rows, group.cache, group.mask))
 
     # Joining and leaving the decode batch.
 
@@ -163,14 +178,34 @@ class KVManager:
             self.running = RunningBatch(self.running.rows + joining, new_cache, new_mask)
         self.to_store += blocks
 
-    def keep(self, keep: list[int]) -> None:
-        """Keep only these rows of the decode batch."""
+    def advance(self, mask: Any) -> None:
+        """A decode step ran: every row's KV holds one more token, covered by ``mask``."""
+        self.running.mask = mask
+        for r in self.running.rows:
+            r.position += 1
+
+    def update_from_output(self) -> list[Row]:
+        """After a step (vLLM's ``Scheduler.update_from_output``): rows that ended leave the
+        batch, their prompt and reply first stored as prefix blocks (failed rows' are not);
+        those rows, for the engine to close."""
+        rows = self.running.rows
+        ended = [i for i, r in enumerate(rows) if r.finish_reason is not None]
+        if not ended:
+            return []
+        for i in ended:
+            if rows[i].finish_reason != "error":
+                self.store(self.finished_blocks(i))
+        self.retain([i for i in range(len(rows)) if i not in ended])
+        return [rows[i] for i in ended]
+
+    def retain(self, indices: list[int]) -> None:
+        """Keep only the rows at these indices of the decode batch; the others leave."""
         batch = self.running
-        if not keep:
+        if not indices:
             self.running = RunningBatch()
             return
-        mask = keep_rows(batch.cache, batch.mask, keep)
-        self.running = RunningBatch([batch.rows[i] for i in keep], batch.cache, mask)
+        mask = keep_rows(batch.cache, batch.mask, indices)
+        self.running = RunningBatch([batch.rows[i] for i in indices], batch.cache, mask)
 
     # The prefix cache.
 

@@ -1,4 +1,4 @@
-"""Chunked prefill of newcomers, starting from their cached prefixes; KV helpers for one row.
+"""Chunked prefill of newcomers, starting from their cached prefixes (KV surgery: kv.py).
 
 A group of new prompts is prefilled together, ``chunk_tokens`` at a time, between decode steps
 of the running batch, so a long prompt no longer freezes every running stream. Layout of the
@@ -28,20 +28,25 @@ class PrefillGroup:
                  pad_id: int, device: Any) -> None:
         import torch
 
-        self.rows = len(prompts)
+        self.size = len(prompts)  # rows in the group
         new = [len(ids) - c for ids, (c, _) in zip(prompts, cached, strict=True)]
         width = max(new)
-        self.input_ids = torch.full((self.rows, width), pad_id, dtype=torch.long)
-        self.new_mask = torch.zeros((self.rows, width), dtype=torch.long)
-        self.positions = torch.zeros((self.rows, width), dtype=torch.long)
+        self.input_ids = torch.full((self.size, width), pad_id, dtype=torch.long)
+        self.new_mask = torch.zeros((self.size, width), dtype=torch.long)
+        self.positions = torch.zeros((self.size, width), dtype=torch.long)
         for i, (ids, (c, _)) in enumerate(zip(prompts, cached, strict=True)):
             self.input_ids[i, width - new[i]:] = torch.tensor(ids[c:])
             self.new_mask[i, width - new[i]:] = 1
             self.positions[i, width - new[i]:] = torch.arange(c, len(ids))
         self.input_ids, self.new_mask, self.positions = (
             t.to(device) for t in (self.input_ids, self.new_mask, self.positions))
-        self.cache, self.mask = _cached_part(cached, self.rows, device)
+        self.cache, self.mask = _cached_part(cached, self.size, device)
         self.done = 0  # columns of the new part already prefilled
+
+    @property
+    def remaining(self) -> int:
+        """Prompt tokens (with padding) still to prefill: what the next chunks cost."""
+        return (self.width - self.done) * self.size
 
     @property
     def width(self) -> int:
@@ -52,7 +57,7 @@ class PrefillGroup:
         """Prefill the next chunk; the last column's logits once the prompts are done, else None."""
         import torch
 
-        columns = max(1, chunk_tokens // self.rows)  # cost grows with rows x columns
+        columns = max(1, chunk_tokens // self.size)  # cost grows with rows x columns
         a, b = self.done, min(self.done + columns, self.width)
         mask = torch.cat([self.mask, self.new_mask[:, a:b]], dim=1)
         logits = forward(self.input_ids[:, a:b], mask, self.positions[:, a:b], self.cache)
@@ -64,7 +69,7 @@ class PrefillGroup:
         import torch
 
         index = torch.tensor(keep, device=self.mask.device)
-        self.rows = len(keep)
+        self.size = len(keep)
         for name in ("input_ids", "new_mask", "positions", "mask"):
             setattr(self, name, getattr(self, name).index_select(0, index))
         for layer in self.cache.layers:

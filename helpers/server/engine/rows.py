@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from helpers.chat import GenerationParams, IncrementalDecoder, StopMatcher, TokenBatchable
 from helpers.server.engine.base import Stream
@@ -18,35 +17,22 @@ class Row:
     params: GenerationParams
     decoder: IncrementalDecoder
     stopper: StopMatcher
-    generator: Any  # torch.Generator or None (then the global RNG)
-    seen: Any = None  # torch tensor of prompt + generated ids, for the repetition penalty
+    slot: int | None = None  # its place in the runner's BatchSampler while it lives
     tokens: list[int] = field(default_factory=list)  # generated ids (the prefix cache keeps them)
     cached: int = 0  # prompt tokens whose KV came from the prefix cache
     position: int = 0  # position id of the next input token = tokens in this row's KV
     next_token: int = 0
     fresh: bool = False  # next_token is picked but not yet emitted
     finish_reason: str | None = None
-
-    @property
-    def kv_tokens(self) -> int:
-        """The most tokens its KV can hold: the prompt and every token it may generate."""
-        return len(self.prompt_ids) + self.params.max_new_tokens
+    closed: bool = False  # its stream has its Finish: a row is finished exactly once
 
     @classmethod
     def new(cls, stream: Stream, ids: list[int], params: GenerationParams,
-            model: TokenBatchable, device: Any) -> Row:
-        """A row about to be prefilled: its own decoder, stop matcher and seeded generator."""
-        import torch
-
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(params.seed)
+            model: TokenBatchable) -> Row:
+        """A row about to be prefilled: its own decoder and stop matcher."""
         return cls(stream=stream, prompt_ids=ids, params=params,
                    decoder=IncrementalDecoder(model.tokenizer),
-                   stopper=StopMatcher(params.stop + model.default_stop),
-                   generator=generator, seen=torch.tensor(ids, device=device),
-                   position=len(ids))
+                   stopper=StopMatcher(params.stop + model.default_stop), position=len(ids))
 
     def emit(self, eos: set[int]) -> None:
         """Send the row's fresh token as text, or decide why it ends."""
@@ -55,7 +41,9 @@ class Row:
         elif not self.fresh:
             return
         elif self.next_token in eos:
+            self.fresh = False
             self.finish_reason = "stop"
+            self._flush()  # text held back as a possible start of a stop string is reply text
         else:
             self.fresh = False
             piece = self.stopper.push(self.decoder.push(self.next_token))
@@ -65,6 +53,9 @@ class Row:
                 self.finish_reason = "stop"
             elif len(self.tokens) >= self.params.max_new_tokens:
                 self.finish_reason = "length"
-                tail = self.stopper.flush()
-                if tail:
-                    self.stream.put_text(tail)
+                self._flush()
+
+    def _flush(self) -> None:
+        tail = self.stopper.flush()
+        if tail:
+            self.stream.put_text(tail)

@@ -1,7 +1,8 @@
 """The model runner: forward passes and token picking, nothing else (vLLM's ``ModelRunner``).
 
-It holds no batch state: the KV manager hands it a batch or a prefill group, it runs the model
-on it and writes each row's next token.
+It holds no KV: the KV manager hands it a batch or a prefill group, it runs the model on it and
+writes each row's next token. Each live row holds a slot of its ``BatchSampler`` (sampling
+parameters, seed, the ids the repetition penalty counts) from ``admit`` to ``release``.
 """
 
 from __future__ import annotations
@@ -11,14 +12,18 @@ from typing import Any
 
 from helpers.server.engine.kv_manager import Prefilling, RunningBatch
 from helpers.server.engine.rows import Row
-from helpers.server.engine.sampling import pick_tokens
+from helpers.server.engine.sampling import BatchSampler
 
 
 class ModelRunner:
     """Runs one causal LM on the tensors the KV manager keeps."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, slots: int = 1) -> None:
         self.model = model
+        head = model.get_output_embeddings()  # its width is the logits' width
+        vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
+        self.sampler = BatchSampler(max(1, slots), vocab, model.device)
+        self._free = list(range(self.sampler.slots))[::-1]
         forward_params = inspect.signature(model.forward).parameters
         self._keep_logits = "logits_to_keep" in forward_params
         # transformers 5 renamed forward's past_key_values to cache; Colab may have either.
@@ -36,40 +41,44 @@ class ModelRunner:
                          use_cache=True, **{self._cache_kwarg: cache}, **kwargs)
         return out.logits[:, -1, :].float()
 
-    def decode(self, batch: RunningBatch) -> None:
-        """One token for every row of the batch."""
-        import torch
-
-        rows = batch.rows
-        input_ids = torch.tensor([[r.next_token] for r in rows], device=self.device)
-        positions = torch.tensor([[r.position] for r in rows], device=self.device)
-        mask = torch.cat([batch.mask, batch.mask.new_ones((len(rows), 1))], dim=1)
+    def decode(self, batch: RunningBatch) -> Any:
+        """One token for every row of the batch; the mask over the grown cache (the KV manager
+        records it with ``KVManager.advance``)."""
+        input_ids, positions, mask = batch.decode_inputs(self.device)
         logits = self.forward(input_ids, mask, positions, batch.cache)
-        batch.mask = mask
-        for r in rows:
-            r.position += 1
-        self.pick(rows, logits)
+        self.pick(batch.rows, logits)
+        return mask
 
-    def prefill_chunk(self, prefilling: Prefilling, budget: int) -> bool:
-        """One chunk of the group's prompts (``budget`` tokens, 0: all); True once they are done.
+    def prefill_chunk(self, prefilling: Prefilling, budget: int | None) -> bool:
+        """One chunk of the group's prompts (``budget`` tokens, None: all); True once done.
 
         When done, every row's first token is picked.
         """
         group = prefilling.group
-        logits = group.step(self.forward, budget or group.rows * group.width)
+        logits = group.step(self.forward, group.size * group.width if budget is None else budget)
         if logits is None:
             return False
         self.pick(prefilling.rows, logits)
         return True
 
+    def admit(self, row: Row) -> None:
+        """Give a new row a sampler slot (its parameters, seed and prompt)."""
+        if not self._free:
+            raise RuntimeError(f"all {self.sampler.slots} sampler slots are taken")
+        slot = self._free[-1]
+        self.sampler.admit(slot, row.params, row.prompt_ids)
+        row.slot = self._free.pop()
+
+    def release(self, row: Row) -> None:
+        """Free the row's slot (a second call does nothing)."""
+        if row.slot is not None:
+            self.sampler.release(row.slot)
+            self._free.append(row.slot)
+            row.slot = None
+
     def pick(self, rows: list[Row], logits: Any) -> None:
         """Each row's next token from its logits, by its own sampling parameters."""
-        import torch
-
-        tokens = pick_tokens(logits, [r.params for r in rows], [r.generator for r in rows],
-                             [r.seen for r in rows])
-        for r, token, t in zip(rows, tokens.tolist(), tokens, strict=True):
+        tokens = self.sampler.pick(logits, [r.slot for r in rows])
+        for r, token in zip(rows, tokens.tolist(), strict=True):
             r.next_token, r.fresh = token, True
             r.tokens.append(token)
-            if r.params.repetition_penalty != 1.0:
-                r.seen = torch.cat([r.seen, t.view(1)])

@@ -2,9 +2,12 @@
 
 As in vLLM's v1 scheduler, it only decides; it returns a ``StepPlan`` and the engine carries it
 out (``KVManager`` for the cache, ``ModelRunner`` for the model). Memory decides how many rows
-run: every row reserves the KV of its prompt plus its ``max_new_tokens``, and newcomers are
-admitted while the reservations fit the KV budget (``Settings.kv_cache_mb``), up to a hard cap
-of rows (``Settings.max_batch_size``).
+run: every row may grow to its prompt plus its ``max_new_tokens`` (``reserved_tokens``), and the
+batch holds every row as wide as its widest one (one padded rectangle, see kv.py), so newcomers
+are admitted while rows x the widest reservation fit the KV budget (``Settings.kv_cache_mb``;
+a join briefly holds the old batch beside the merged one on top of that),
+up to a hard cap of rows (``Settings.max_batch_size``). A request that does not fit now waits
+without blocking smaller ones behind it, until it has been passed over ``PATIENCE`` times.
 """
 
 from __future__ import annotations
@@ -19,6 +22,14 @@ from helpers.server.engine.base import QueueFullError, Stream
 
 Stage = Literal["join", "store", "prefill"]
 
+# How often a request (or a prefill group) may see later, smaller ones go first; then it goes next.
+PATIENCE = 8
+
+
+def reserved_tokens(prompt_ids: list[int], params: GenerationParams) -> int:
+    """The most tokens a request's KV can hold: its prompt and every token it may generate."""
+    return len(prompt_ids) + params.max_new_tokens
+
 
 @dataclass
 class Request:
@@ -27,11 +38,12 @@ class Request:
     stream: Stream
     prompt_ids: list[int]
     params: GenerationParams
+    passed_over: int = 0  # plans that admitted a later request while this one did not fit
 
     @property
     def kv_tokens(self) -> int:
-        """The most tokens its KV can hold: the prompt and every token it may generate."""
-        return len(self.prompt_ids) + self.params.max_new_tokens
+        """The most tokens its KV can hold (``reserved_tokens``)."""
+        return reserved_tokens(self.prompt_ids, self.params)
 
 
 @dataclass(frozen=True)
@@ -40,7 +52,7 @@ class BatchLoad:
 
     running: int = 0  # rows in the decode batch
     prefilled: int = 0  # rows prefilled, waiting to join the batch
-    kv_tokens: int = 0  # KV tokens reserved by every row admitted and not yet finished
+    widest: int = 0  # the largest reservation among rows admitted and not yet finished
     prefill_rows: int = 0  # rows of the prefill group under way (0: none)
     storing: bool = False  # prompt blocks wait to go into the prefix cache
 
@@ -52,7 +64,7 @@ class StepPlan:
     admit: list[Request] = field(default_factory=list)  # newcomers: they open a prefill group
     decode: bool = False  # every running row takes one token
     stage: Stage | None = None  # then one more stage: join the prefilled, store blocks, prefill
-    prefill_tokens: int = 0  # the token budget of this step's prefill chunk (0: no limit)
+    prefill_tokens: int | None = None  # the token budget of this step's prefill chunk (None: all)
 
 
 class Scheduler:
@@ -81,9 +93,9 @@ class Scheduler:
         return requests
 
     def plan(self, load: BatchLoad) -> StepPlan:
-        """The next step: admit (only when no group is prefilling), decode, then one stage."""
-        admit = [] if load.prefill_rows else self._admit(load)
-        prefill_rows = load.prefill_rows or len(admit)
+        """The next step: admit (a new prefill group beside any under way), decode, one stage."""
+        admit = self._admit(load)
+        prefill_rows = load.prefill_rows + len(admit)
         if load.prefilled:
             stage: Stage | None = "join"
         elif load.storing:
@@ -95,19 +107,34 @@ class Scheduler:
         return StepPlan(admit=admit, decode=load.running > 0, stage=stage,
                         prefill_tokens=self._prefill_budget(prefill_rows, load.running))
 
+    def fits_alone(self, request: Request) -> bool:
+        """False when the request's KV alone is over the budget: it could never run."""
+        return request.kv_tokens <= self.kv_budget_tokens
+
     def _admit(self, load: BatchLoad) -> list[Request]:
-        """Waiting requests, oldest first, while rows and reserved KV stay within the limits."""
-        rows, tokens, admitted = load.running + load.prefilled, load.kv_tokens, []
-        while self.waiting and rows < self.max_rows:
-            need = self.waiting[0].kv_tokens
-            # Alone, a request runs whatever it reserves: the context check at submit bounds it.
-            if rows and tokens + need > self.kv_budget_tokens:
+        """Waiting requests, oldest first, that fit beside the batch (rows x widest <= budget)."""
+        rows, widest = load.running + load.prefilled + load.prefill_rows, load.widest
+        admitted: list[Request] = []
+        passed: list[Request] = []
+        for req in self.waiting:
+            if rows >= self.max_rows:
                 break
-            admitted.append(self.waiting.popleft())
-            rows, tokens = rows + 1, tokens + need
+            wider = max(widest, req.kv_tokens)
+            if rows and (rows + 1) * wider > self.kv_budget_tokens:
+                passed.append(req)
+                if req.passed_over >= PATIENCE:  # it has waited long enough: nobody else first
+                    break
+                continue
+            admitted.append(req)
+            rows, widest = rows + 1, wider
+        if admitted:
+            taken = {id(r) for r in admitted}
+            self.waiting = deque(r for r in self.waiting if id(r) not in taken)
+            for req in passed:
+                req.passed_over += 1
         return admitted
 
-    def _prefill_budget(self, prefill_rows: int, running: int) -> int:
+    def _prefill_budget(self, prefill_rows: int, running: int) -> int | None:
         """Tokens for one prefill chunk: whole prompts when nothing runs, else chunks.
 
         A chunk pauses the running streams so that the new ones start sooner. One long prompt
@@ -116,5 +143,5 @@ class Scheduler:
         number of streams that wait for their first token.
         """
         if not running or not prefill_rows:
-            return 0
+            return None  # nobody waits for a decode step: the whole prompts in one pass
         return self.chunk_tokens * max(1, math.ceil(prefill_rows / running))

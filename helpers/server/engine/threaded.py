@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from helpers.chat import ChatModel, GenerationParams, Message, validate_messages
@@ -26,16 +26,17 @@ class ThreadedEngine(Engine):
             self._pool = ThreadPoolExecutor(self.max_workers, thread_name_prefix="dhllm-chat")
 
     def stop(self) -> None:
-        """Drop queued requests; running ones finish in the background."""
+        """Queued requests end with EngineStoppedError; running ones finish in the background."""
         pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)  # each dropped one closes its stream
 
     def submit(self, messages: Sequence[Message], params: GenerationParams,
                prompt_text: str | None = None) -> Stream:
         """Queue one request (``prompt_text`` is ignored: these backends take messages)."""
         messages = validate_messages(messages)
-        if self._pool is None:
+        pool = self._pool
+        if pool is None:
             raise EngineStoppedError("the engine is not running")
         with self._lock:
             if self.stats.waiting >= self.max_queue:
@@ -44,16 +45,30 @@ class ThreadedEngine(Engine):
             self.stats.submitted += 1
             self.stats.waiting += 1
         stream = Stream()
-        self._pool.submit(self._run, stream, messages, params)
+        try:
+            future = pool.submit(self._run, stream, messages, params)
+        except RuntimeError as exc:  # stop() shut the pool down in between
+            self._count("waiting", -1)
+            raise EngineStoppedError("the engine is not running") from exc
+        future.add_done_callback(lambda f: self._dropped(f, stream))
         return stream
+
+    def _dropped(self, future: Future[None], stream: Stream) -> None:
+        """A request the pool never ran (stop() cancelled it) ends with an error, not a hang."""
+        if not future.cancelled():
+            return
+        with self._lock:
+            self.stats.waiting -= 1
+            self.stats.errors += 1
+        stream.close(Finish("error", error=EngineStoppedError("the server is shutting down")))
 
     def _run(self, stream: Stream, messages: list[dict[str, str]], params: GenerationParams) -> None:
         with self._lock:
             self.stats.waiting -= 1
             self.stats.running += 1
-        prompt_tokens = self.count_tokens(" ".join(m["content"] for m in messages))
-        text, reason, error = "", "stop", None
+        prompt_tokens, completion, text, reason, error = 0, 0, "", "stop", None
         try:
+            prompt_tokens = self.count_tokens(" ".join(m["content"] for m in messages))
             pieces = self.chat_model.stream(messages, **_params_kwargs(params))
             try:
                 for piece in pieces:
@@ -66,9 +81,9 @@ class ThreadedEngine(Engine):
                 close = getattr(pieces, "close", None)
                 if close is not None:
                     close()  # stops a local generate thread at once
+            completion = self.count_tokens(text)
         except BaseException as exc:  # handed to the reader, who maps it to an HTTP status
             reason, error = "error", exc
-        completion = self.count_tokens(text)
         if reason == "stop" and completion >= params.max_new_tokens:
             reason = "length"
         self._record(reason, prompt_tokens, completion)
