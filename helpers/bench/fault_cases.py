@@ -315,7 +315,8 @@ class HealthWatch:
     def stop(self) -> list[str]:
         """Notes: out after, back after, restarts, what ``/health`` says at the end."""
         self._stop.set()
-        self._thread.join(5)
+        if self._thread.ident is not None:  # started: the fault was injected
+            self._thread.join(5)
         last = self.samples[-1][1] if self.samples else None
         out = self.out_at()
         notes = [f"/health counted a replica out after {out:.1f} s" if out is not None
@@ -366,6 +367,15 @@ def _pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except OSError:
         return None
+
+
+def _names(pids: set[int]) -> list[str]:
+    names = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            names.append(" ".join([proc.name(), *proc.cmdline()]))
+    return names
 
 
 def _kill(pids: Sequence[int], sig: int = signal.SIGKILL) -> None:
@@ -443,9 +453,12 @@ def _kill_dhllm(server: Any, refs: Mapping[str, Reply], load: Load, run: str, lo
                 before: Baseline) -> FaultResult:
     tree = descendants(server.proc.pid)
 
+    router = any("vllm::router" in name for name in _names(tree))
+
     def inject() -> list[str]:
         _kill([server.proc.pid])
-        return [f"kill -9 of dhllm ({len(tree) - 1} processes below it)"]
+        return [f"kill -9 of dhllm ({len(tree) - 1} processes below it, the router "
+                f"{'among them' if router else 'not among them'})"]
 
     # Requests sent after the kill are refused (an error they see): only those in flight count.
     result = run_under_load("kill -9 of dhllm", server.url, MODEL, refs,

@@ -231,6 +231,7 @@ def under_load(name: str, url: str, model: str, refs: Mapping[str, Reply], load:
             with lock:
                 in_flight[0] -= 1
                 replies.append(reply)
+            warm.set()  # one ended (a broken server ends them at once): no use waiting longer
 
     result = FaultResult(name)
     threads = [threading.Thread(target=client, args=(i,), daemon=True, name=f"fault-client-{i}")
