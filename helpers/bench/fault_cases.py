@@ -187,9 +187,11 @@ def _model_name(url: str) -> str:
 
 
 def builtin_faults(chat: Any, load: Load, log: Log, before: Baseline,
-                   stages: Sequence[str] | None = None, stop: bool = True) -> list[FaultResult]:
+                   stages: Sequence[str] | None = None, stop: bool = True,
+                   results: list[FaultResult] | None = None) -> list[FaultResult]:
     """Each stage's fault on a fresh engine and server (a dead worker must not spill over),
-    then a stop of the server under load. ``chat``: a ``TransformersChat``."""
+    then a stop of the server under load; appended to ``results`` as they come.
+    ``chat``: a ``TransformersChat``."""
     from helpers.background_server import free_port
     from helpers.config import get_settings
     from helpers.server import create_app, serve_in_background
@@ -203,7 +205,7 @@ def builtin_faults(chat: Any, load: Load, log: Log, before: Baseline,
     with server(create_engine(chat, settings)) as clean:
         model = _model_name(clean.url)
         refs = references(clean.url, model, PROMPTS, load.tokens)
-    results = []
+    results = [] if results is None else results
     for name in stages if stages is not None else list(STAGES):
         engine = create_engine(chat, settings)
         wrapper = wrap_stage(engine, *STAGES[name])
@@ -392,9 +394,11 @@ def warm_up(url: str, n: int = 8, tokens: int = 16) -> None:
 
 
 def vllm_faults(run: str, load: Load, log: Log, before: Baseline, hold_s: float = 45.0,
-                back_s: float = 240.0) -> list[FaultResult]:
-    """Four faults on one ``dhllm serve --engine vllm --replicas 2``, a stop on a second one."""
-    results: list[FaultResult] = []
+                back_s: float = 240.0,
+                results: list[FaultResult] | None = None) -> list[FaultResult]:
+    """Four faults on one ``dhllm serve --engine vllm --replicas 2``, a stop on a second one;
+    appended to ``results`` as they come."""
+    results = [] if results is None else results
     server = gateway(2, vllm_env(run), log)
     try:
         warm_up(server.url)

@@ -44,20 +44,32 @@ def run_faults(parts: Sequence[str] = ("builtin", "vllm"), load: Load | None = N
     results: list[FaultResult] = []
     try:
         if "builtin" in parts:
-            from helpers.chat import TransformersChat
+            try:
+                from helpers.chat import TransformersChat
 
-            log("builtin engine: loading the embedded model ...")
-            chat = TransformersChat.load("embedded", verbose=False)
-            results += builtin_faults(chat, builtin_load or Load(clients=6, tokens=32,
-                                                                 after_s=4.0, recover_s=20.0),
-                                      log, before, stages)
+                log("builtin engine: loading the embedded model ...")
+                chat = TransformersChat.load("embedded", verbose=False)
+                builtin_faults(chat, builtin_load or Load(clients=6, tokens=32, after_s=4.0,
+                                                          recover_s=20.0),
+                               log, before, stages, results=results)
+            except Exception as exc:  # noqa: BLE001 - a row says so; the other part still runs
+                results.append(_failed("builtin engine", exc, log))
         if "vllm" in parts:
-            results += vllm_faults(run, load or Load(), log, before)
+            try:
+                vllm_faults(run, load or Load(), log, before, results=results)
+            except Exception as exc:  # noqa: BLE001 - a row says so; the report is still written
+                results.append(_failed("vLLM", exc, log))
     finally:
         killed = kill_marked(run)
         if killed:
             log(f"killed {killed} process(es) this run had left")
     return results
+
+
+def _failed(part: str, exc: Exception, log: Any) -> FaultResult:
+    log(f"{part}: the bench could not go on: {type(exc).__name__}: {exc}")
+    return FaultResult(f"{part}: the bench stopped here",
+                       notes=[f"{type(exc).__name__}: {str(exc)[:300]}"])
 
 
 def markdown(results: Sequence[FaultResult]) -> str:
