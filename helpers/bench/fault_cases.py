@@ -6,7 +6,10 @@ the fault raises once; production code has no fault hook. vLLM: ``dhllm serve --
 --replicas 2`` in its own process, as deployed; the faults are signals (``kill -9`` of a
 replica's API server, of the router, of dhllm; SIGSTOP then SIGCONT of an engine core; SIGTERM
 of dhllm). Every process started carries ``DHLLM_FAULT_BENCH_RUN=<run id>`` in its environment
-(inherited by all it starts), so what outlives a fault is found, and killed, by that mark.
+(inherited by all it starts), and every process seen below a server is remembered (pid and start
+time) while its tree is whole: vLLM renames its engine cores and workers with setproctitle, which
+overwrites what ``/proc/PID/environ`` shows (psutil reads it empty), so the mark alone misses them.
+What outlives a fault is found, and killed, by both.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def _alive(proc: psutil.Process) -> bool:
 
 def _describe(proc: psutil.Process) -> str:
     try:
-        return f"{proc.pid} {' '.join(proc.cmdline())[:70] or proc.name()}"
+        return f"{proc.pid} {' '.join(proc.cmdline()).strip()[:60] or proc.name()}"
     except psutil.Error:
         return str(proc.pid)
 
@@ -84,27 +87,47 @@ def descendants(pid: int | None) -> set[int]:
 
 
 class Baseline:
-    """What ran before the bench: only processes that appear later can be left over by it."""
+    """What ran before the bench (only processes that appear later can be left over by it), and
+    every process the bench has seen below a server it started."""
 
     def __init__(self) -> None:
         self.vllm = vllm_named()
         self.children = descendants(os.getpid())
+        self.owned: dict[int, float] = {}  # pid: create_time (a pid may be reused)
+
+    def remember(self, root: int | None) -> None:
+        """Remember ``root`` and everything below it now (call while the tree is whole)."""
+        for pid in descendants(root):
+            with contextlib.suppress(psutil.Error):
+                self.owned[pid] = psutil.Process(pid).create_time()
+
+    def ours(self, run: str) -> list[psutil.Process]:
+        """Live processes of this run: marked, or remembered (same start time)."""
+        found = {p.pid: p for p in marked(run)}
+        for pid, created in self.owned.items():
+            proc = _process(pid)
+            with contextlib.suppress(psutil.Error):
+                if proc is not None and proc.create_time() == created and _alive(proc):
+                    found.setdefault(pid, proc)
+        return list(found.values())
 
 
 def left_over(run: str, before: Baseline, live_root: int | None = None,
-              grace_s: float = 0.0) -> list[str]:
-    """Processes that outlived what they belonged to: marked, started by the bench, or new
-    ``VLLM::``/``vllm::router`` ones, outside the tree of ``live_root`` (a server still up).
-    Waits up to ``grace_s`` for them to exit (a parent's death reaches children in seconds)."""
+              grace_s: float = 0.0, vllm: bool = False) -> list[psutil.Process]:
+    """Processes that outlived what they belonged to: this run's (marked or remembered), started
+    by the bench, or (``vllm``) new ``VLLM::``/``vllm::router`` ones, outside the tree of
+    ``live_root`` (a server still up). Waits up to ``grace_s`` for them to exit (a parent's
+    death reaches its children in seconds)."""
     deadline = time.monotonic() + grace_s
     while True:
         live = descendants(live_root)
-        pids = {p.pid for p in marked(run)}
+        pids = {p.pid for p in before.ours(run)}
         pids |= descendants(os.getpid()) - before.children - {os.getpid()}
-        pids |= vllm_named() - before.vllm
+        if vllm:  # the bench holds the machine's heavy lock: new vLLM processes are its own
+            pids |= vllm_named() - before.vllm
         procs = [p for p in map(_process, pids - live) if p is not None and _alive(p)]
         if not procs or time.monotonic() >= deadline:
-            return [_describe(p) for p in procs]
+            return procs
         time.sleep(0.5)
 
 
@@ -115,15 +138,19 @@ def _process(pid: int) -> psutil.Process | None:
         return None
 
 
-def kill_marked(run: str) -> int:
-    """SIGCONT then SIGKILL every process of this run (a stopped one must not stay stopped)."""
-    procs = marked(run)
-    for proc in procs:
+def kill_ours(run: str, before: Baseline, procs: Sequence[psutil.Process] | None = None) -> int:
+    """SIGCONT then SIGKILL this run's processes (a stopped one must not stay stopped); only
+    those of ``procs`` that are this run's, when given."""
+    ours = before.ours(run)
+    if procs is not None:
+        pids = {p.pid for p in procs}
+        ours = [p for p in ours if p.pid in pids]
+    for proc in ours:
         for sig in (signal.SIGCONT, signal.SIGKILL):
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(sig)
-    psutil.wait_procs(procs, timeout=10)
-    return len(procs)
+    psutil.wait_procs(ours, timeout=10)
+    return len(ours)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,10 +275,12 @@ def _builtin_stop(handle: Any, model: str, refs: Mapping[str, Reply], load: Load
 
 def _with_left_over(result: FaultResult, run: str, before: Baseline,
                     live_root: int | None = None, grace_s: float = 0.0) -> FaultResult:
-    procs = left_over(run, before, live_root, grace_s)
+    """Count what this fault left over, then kill it: the next fault starts clean."""
+    procs = left_over(run, before, live_root, grace_s, vllm=bool(run))
     result.left_over = len(procs)
     if procs:
-        result.notes.append("left over: " + "; ".join(procs[:4]))
+        result.notes.append("left over: " + "; ".join(_describe(p) for p in procs[:4]))
+        kill_ours(run, before, procs)
     return result
 
 
@@ -404,6 +433,7 @@ def vllm_faults(run: str, load: Load, log: Log, before: Baseline, hold_s: float 
         warm_up(server.url)
         refs = references(server.url, MODEL, PROMPTS, load.tokens)
         pid = server.proc.pid
+        timers: list[threading.Timer] = []
 
         def kill_replica() -> list[str]:
             port, api = _replica_under_load(pid)
@@ -417,6 +447,7 @@ def vllm_faults(run: str, load: Load, log: Log, before: Baseline, hold_s: float 
             timer = threading.Timer(hold_s, _kill, args=([core], signal.SIGCONT))
             timer.daemon = True
             timer.start()
+            timers.append(timer)
             stopped.append(core)
             return [f"SIGSTOP of VLLM::EngineCore (replica on port {port}), SIGCONT after "
                     f"{hold_s:.0f} s"]
@@ -434,9 +465,12 @@ def vllm_faults(run: str, load: Load, log: Log, before: Baseline, hold_s: float 
             # A hung core holds requests for the client's whole timeout: send for longer.
             fault_load = replace(load, after_s=12.0, recover_s=90.0) if longer else load
             back = None
+            before.remember(pid)  # restarted replicas are new processes
             try:
                 result = run_under_load(name, server.url, MODEL, refs, fault_load,
                                         watch.around(inject), log=log)
+                for timer in timers:  # the engine core stays stopped for the whole hold
+                    timer.join(hold_s + 5)
                 back = watch.wait_back(back_s)
             finally:
                 _kill(stopped, signal.SIGCONT)
@@ -448,7 +482,7 @@ def vllm_faults(run: str, load: Load, log: Log, before: Baseline, hold_s: float 
         results.append(_kill_dhllm(server, refs, load, run, log, before))
     finally:
         server.stop()
-        kill_marked(run)
+        kill_ours(run, before)
     results.append(_vllm_stop(run, load, log, before))
     return results
 
@@ -456,7 +490,7 @@ def vllm_faults(run: str, load: Load, log: Log, before: Baseline, hold_s: float 
 def _kill_dhllm(server: Any, refs: Mapping[str, Reply], load: Load, run: str, log: Log,
                 before: Baseline) -> FaultResult:
     tree = descendants(server.proc.pid)
-
+    before.remember(server.proc.pid)
     router = any("vllm::router" in name for name in _names(tree))
 
     def inject() -> list[str]:
@@ -481,6 +515,7 @@ def _vllm_stop(run: str, load: Load, log: Log, before: Baseline) -> FaultResult:
         refs = references(server.url, MODEL, PROMPTS, load.tokens)
 
         def inject() -> list[str]:
+            before.remember(server.proc.pid)
             server.proc.send_signal(signal.SIGTERM)
             return ["SIGTERM to dhllm"]
 
@@ -493,5 +528,5 @@ def _vllm_stop(run: str, load: Load, log: Log, before: Baseline) -> FaultResult:
         result = _with_left_over(result, run, before, grace_s=15)
     finally:
         server.stop()
-        kill_marked(run)
+        kill_ours(run, before)
     return result

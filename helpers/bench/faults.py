@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from helpers.bench.fault_cases import STAGES, Baseline, builtin_faults, kill_marked, vllm_faults
+from helpers.bench.fault_cases import STAGES, Baseline, builtin_faults, kill_ours, vllm_faults
 from helpers.bench.fault_load import FaultResult, Load
 
 COLUMNS = ("fault", "sent", "whole", "error", "silently short", "hanging > 30 s", "left over",
@@ -60,7 +60,7 @@ def run_faults(parts: Sequence[str] = ("builtin", "vllm"), load: Load | None = N
             except Exception as exc:  # noqa: BLE001 - a row says so; the report is still written
                 results.append(_failed("vLLM", exc, log))
     finally:
-        killed = kill_marked(run)
+        killed = kill_ours(run, before)
         if killed:
             log(f"killed {killed} process(es) this run had left")
     return results
