@@ -125,6 +125,9 @@ def test_a_fault_under_load_is_counted_and_timed(fake):
     assert result.short >= 1 and result.error >= 1 and result.whole >= 1
     assert result.sent == result.whole + result.short + result.error and not result.hanging
     assert result.served_again_s is not None and result.served_again_s >= 1.9
+    # The first probes met the errors: said in the notes, never mixed into the load's columns.
+    assert any(n.startswith("probes (not counted above): ") and "error" in n
+               for n in result.notes), result.notes
     row = markdown([result]).splitlines()[-1]
     assert row.startswith(f"| errors then short | {result.sent} | {result.whole} | {result.error} | "
                           f"{result.short} | 0 | - | {result.served_again_s:.1f} s |")

@@ -244,8 +244,10 @@ def under_load(name: str, url: str, model: str, refs: Mapping[str, Reply], load:
     log(f"  {name}: injecting")
     result.notes += list(inject() or ())
     again: list[float | None] = []
+    probes: list[Reply] = []
     prober = threading.Thread(target=lambda: again.append(served_again(
-        url, model, at, load.recover_s, load.probes)), daemon=True, name="fault-prober")
+        url, model, at, load.recover_s, load.probes, seen=probes)), daemon=True,
+        name="fault-prober")
     if probe:
         prober.start()
     stop_sending.wait(load.after_s)
@@ -265,22 +267,31 @@ def under_load(name: str, url: str, model: str, refs: Mapping[str, Reply], load:
         result.served_again_s = again[0] if again else None
         result.served_again = (f"{result.served_again_s:.1f} s" if result.served_again_s
                                is not None else f"not within {load.recover_s:.0f} s")
+        # The probes start at the fault: it may hit them rather than the load. Say so.
+        hit = {v: sum(p.verdict == v for p in list(probes)) for v in VERDICTS[1:]}
+        if any(hit.values()):
+            result.notes.append("probes (not counted above): " + ", ".join(
+                f"{n} {'timed out' if v == 'hanging' else v}" for v, n in hit.items() if n))
     log(f"  {name}: {summary(result)}")
     return result
 
 
 def served_again(url: str, model: str, since: float, limit_s: float, width: int = 3,
-                 timeout: float = 15.0, tokens: int = 4) -> float | None:
+                 timeout: float = 15.0, tokens: int = 4,
+                 seen: list[Reply] | None = None) -> float | None:
     """Seconds from ``since`` until a round of ``width`` small requests (distinct prompts, sent
     together) has all answered whole, each within ``timeout``; None: not within ``limit_s``.
 
     Each asks for a long story in ``tokens`` tokens: whole means it stopped by length with
-    ``tokens`` tokens, so a short answer does not count as served either."""
+    ``tokens`` tokens, so a short answer does not count as served either. Every probe's reply
+    goes into ``seen``."""
     deadline = since + limit_s
 
     def probe(i: int) -> bool:
         prompt = f"[{uuid.uuid4().hex[:8]}] {PROMPTS[i % len(PROMPTS)]}"
         reply = classify(send(url, model, prompt, tokens, False, timeout), None, tokens)
+        if seen is not None:
+            seen.append(reply)
         return reply.verdict == "whole" and reply.finish == "length"
 
     with ThreadPoolExecutor(width) as pool:

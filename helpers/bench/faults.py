@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -145,8 +146,8 @@ def main(argv: list[str] | None = None) -> list[FaultResult]:
 
     parts = (args.only,) if args.only else ("builtin", "vllm")
     results = run_faults(parts, stages=stages, log=log)
-    command = "python -m helpers.bench.faults " + " ".join(argv if argv is not None
-                                                          else sys.argv[1:])
+    command = shlex.join(["python", "-m", "helpers.bench.faults",
+                          *(argv if argv is not None else sys.argv[1:])])
     print(report(results, args.label, command.strip(), (time.monotonic() - started) / 60,
                  args.json, args.md))
     return results
