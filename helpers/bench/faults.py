@@ -3,7 +3,7 @@
 Each fault runs while clients send greedy requests (streamed and whole), and every request is
 counted in one column: whole, ended with an error the client can see, silently short, still
 hanging after 30 s (see ``fault_load``). Also: processes left over after the fault, and the
-time until the server answers whole again. The faults (see ``fault_cases``):
+time until the server answers whole again. The faults (``fault_cases``, ``fault_vllm``):
 
 - an exception in each stage of the builtin engine, then a stop of that server under load;
 - on ``dhllm serve --engine vllm --replicas 2``: ``kill -9`` of a replica, SIGSTOP of an
@@ -30,8 +30,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from helpers.bench.fault_cases import STAGES, Baseline, builtin_faults, kill_ours, vllm_faults
+from helpers.bench.fault_cases import STAGES, Baseline, builtin_faults, kill_ours
 from helpers.bench.fault_load import FaultResult, Load
+from helpers.bench.fault_vllm import vllm_faults
 
 COLUMNS = ("fault", "sent", "whole", "error", "silently short", "hanging > 30 s", "left over",
            "served again after", "notes")
