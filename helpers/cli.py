@@ -214,10 +214,18 @@ def bench(
     quick: Annotated[bool, typer.Option(help="a small, fast run (few tokens, 2 turns)")] = False,
     plot: Annotated[str, typer.Option(help="PNG to draw ('' = none)")] = "docs/images/throughput.png",
     json_out: Annotated[str | None, typer.Option("--json", help="also write the JSON here")] = None,
+    faults: Annotated[bool, typer.Option(
+        help="run the fault bench instead: faults under load, every request counted "
+        "(python -m helpers.bench.faults --help for its options)")] = False,
 ) -> None:
     """Throughput, first token / sentence, persona turns and pauses, against peer servers."""
     from pathlib import Path
 
+    if faults:
+        from helpers.bench.faults import main as run_faults
+
+        run_faults(["--json", json_out] if json_out else [])
+        return
     from helpers.bench import BenchConfig
     from helpers.bench import main as run_bench
 
