@@ -13,6 +13,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -21,6 +22,26 @@ import uvicorn
 
 class PortInUseError(OSError):
     """The port is taken; the message says which and how to pick another."""
+
+
+class StoppingServer(uvicorn.Server):
+    """uvicorn's server that calls ``before_shutdown`` (on its loop) before it waits for requests.
+
+    uvicorn's own order is: stop listening, wait for open requests (``timeout_graceful_shutdown``),
+    cancel the rest, and only then the app's lifespan shutdown. A reply cancelled there reaches its
+    client as a 500 or a cut stream. An engine stopped first ends each open request with an honest
+    error (503, an error event in a stream) that the client sees at once.
+    """
+
+    def __init__(self, config: uvicorn.Config,
+                 before_shutdown: Callable[[], None] | None = None) -> None:
+        super().__init__(config)
+        self.before_shutdown = before_shutdown
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.before_shutdown is not None:
+            self.before_shutdown()
+        await super().shutdown(sockets)
 
 
 class ServerHandle:
@@ -149,16 +170,18 @@ def start_uvicorn(
     timeout: float = 30.0,
     log_level: str = "warning",
     graceful_shutdown: float = 3.0,
+    before_shutdown: Callable[[], None] | None = None,
 ) -> ServerHandle:
     """Start ``app`` in a daemon thread; return once ``health_path`` answers, or raise.
 
     On stop, requests still open after ``graceful_shutdown`` seconds (a long streamed reply)
     are cancelled, so ``stop()`` returns and frees the port instead of waiting for them.
+    ``before_shutdown`` runs first (see ``StoppingServer``).
     """
     ensure_port_free(host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=graceful_shutdown)
-    server = uvicorn.Server(config)
+    server = StoppingServer(config, before_shutdown)
     # Signal handlers can only be installed in the main thread.
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)

@@ -252,3 +252,29 @@ def test_a_stopped_server_lets_go_of_its_model(tiny_model_dir):
     del chat, handle
     gc.collect()
     assert model() is None
+
+
+def test_stop_mid_request_answers_503_and_ends_streams_with_an_error(tiny_chat):
+    """Issue 24: a server that stops answers an open request honestly: 503 with a message for a
+    whole reply (uvicorn's own cancellation gave a 500) and an error event that ends a stream (it
+    was cut mid-way). The engine stops before uvicorn waits for open requests."""
+    handle = serve(tiny_chat)
+    whole: dict[str, Any] = {}
+
+    def ask_whole() -> None:
+        reply = requests.post(handle.url + "/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": LONG, "temperature": 0.8})
+        whole.update(status=reply.status_code, body=reply.json())
+
+    asker = threading.Thread(target=ask_whole)
+    asker.start()
+    response = open_stream(handle)
+    lines = response.iter_lines()
+    next(line for line in lines if line.startswith(b"data: {"))  # the stream is under way
+    handle.stop()
+    asker.join(30)
+    rest = [json.loads(line[6:]) for line in lines if line.startswith(b"data: {")]
+    assert whole["status"] == 503, whole
+    assert "stop" in json.dumps(whole["body"]).lower() or "shut" in json.dumps(whole["body"]).lower()
+    assert rest and "error" in rest[-1], rest[-3:]

@@ -6,11 +6,13 @@ Import-light on purpose (no torch, no FastAPI at import time): ``create_app``, `
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from helpers.background_server import (
     PortInUseError,
     ServerHandle,
+    StoppingServer,
     display_url,
     ensure_port_free,
     start_uvicorn,
@@ -58,7 +60,13 @@ def serve_in_background(
         app = create_app(app_or_model, get_settings(host=host, port=port, **settings))
     elif settings:
         raise TypeError("settings apply only when a ChatModel is given; build the app with them")
-    return start_uvicorn(app, host=host, port=port)
+    return start_uvicorn(app, host=host, port=port, before_shutdown=_engine_stopper(app))
+
+
+def _engine_stopper(app: Any) -> Callable[[], None] | None:
+    """The app's ``engine.stop`` (dhllm's apps), run before uvicorn waits for open requests."""
+    engine = getattr(getattr(app, "state", None), "engine", None)
+    return engine.stop if engine is not None else None
 
 
 def serve(
@@ -110,6 +118,7 @@ def serve(
     url = display_url(host, settings.port)
     print(f"正在提供 {model_spec}：{url}（接口文档：{url}/docs）")
     try:
-        uvicorn.run(app, host=host, port=settings.port, log_level="warning")
+        config = uvicorn.Config(app, host=host, port=settings.port, log_level="warning")
+        StoppingServer(config, before_shutdown=app.state.engine.stop).run()
     finally:
         app.state.engine.stop()  # vLLM too; idempotent after the app's own shutdown
