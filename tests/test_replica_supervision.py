@@ -15,10 +15,15 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import requests
 
 from helpers.background_server import free_port
+from helpers.chat import get_chat_model
+from helpers.config import get_settings
+from helpers.server import create_app, serve_in_background
 from helpers.server.vllm import replicas as replicas_module
 from helpers.server.vllm.process import ChildProcess
+from helpers.server.vllm.relay import VLLMEngine
 from helpers.server.vllm.replicas import Replica, ReplicaSet
 from helpers.server.vllm.venv import VLLMError
 
@@ -233,7 +238,14 @@ def test_a_dead_router_is_restarted_over_the_healthy_replicas(stub: StubReplica)
             time.sleep(0.1)
         assert router.running and router.starts == 2
         assert router.worker_urls == [stub.url]  # started over the replica that is up now
-        assert replicas.health()["router"] == "up" and replicas.health()["router_restarts"] == 1
+        # dhllm's /health says so, as the fault bench reads it.
+        chat_model = get_chat_model("vllm:m", base_url=router.url + "/v1")
+        engine = VLLMEngine(chat_model, router.url + "/v1", "m", process=replicas)
+        app = create_app(chat_model, get_settings(api_key=None), engine=engine)
+        with serve_in_background(app, port=free_port()) as handle:
+            health = requests.get(handle.url + "/health", timeout=10).json()["replicas"]
+        assert health["router"] == "up" and health["router_restarts"] == 1, health
+        assert (health["healthy"], health["hung"], health["total"]) == (1, 0, 2)
     finally:
         replicas.stop()
     assert not router.running
