@@ -8,9 +8,14 @@ torch.compile. The last test stops it and checks that nothing is left.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -153,3 +158,34 @@ def test_stopping_dhllm_stops_vllm(vllm_app: tuple[ServerHandle, VLLMEngine]) ->
     assert not alive, f"left running: {[p.pid for p in alive]}"
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_a_kill_9_of_dhllm_leaves_no_vllm_process() -> None:
+    """``dhllm serve --engine vllm`` killed hard: its API server, engine core and the rest die
+    with it (before the watchdog, 8 of 9 descendants of a 2-replica dhllm kept running)."""
+    port = free_port()
+    env = {**os.environ, "DHLLM_VLLM_ARGS": "--enforce-eager", "DHLLM_VLLM_KVCACHE_GB": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    dhllm = subprocess.Popen([sys.executable, "-m", "helpers", "serve", "--model", "embedded",
+                              "--engine", "vllm", "--port", str(port)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tree: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and dhllm.poll() is None:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                    break
+            time.sleep(1)
+        tree = psutil.Process(dhllm.pid).children(recursive=True)
+        assert len(tree) >= 3, "vLLM's API server, its engine core, the watchdog"
+        dhllm.kill()
+        dhllm.wait(10)
+        _, alive = psutil.wait_procs(tree, timeout=15)
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"left running: {[(p.pid, p.name()) for p in alive]}"
+    finally:
+        dhllm.kill()
+        for proc in tree:  # if it failed, the orphans are ours to end, by pid
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()

@@ -170,7 +170,8 @@ def kill_under_load(gateway: ServerProcess, requests_n: int, streams: int,
             "streams_failed_otherwise": sum(a.error not in (None, "error event")
                                             for a in stream_answers),
             "taken_out_after_s": out_s, "back_after_s": back_s,
-            "retried": health["retried"], "restarts": health["restarts"]}
+            "retried": health["retried"], "continued": health.get("continued", 0),
+            "restarts": health["restarts"]}
 
 
 def _story(i: int) -> list[dict[str, str]]:

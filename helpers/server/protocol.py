@@ -238,9 +238,13 @@ class ReplicasHealth(BaseModel):
 
     total: int
     healthy: int
-    restarts: int = 0  # replicas that died and were started again
+    hung: int = 0  # answer /health but generate nothing (out of routing until they do)
+    restarts: int = 0  # replicas that died (or hung) and were started again
     retried: int = 0  # requests sent again after a replica failed them
+    continued: int = 0  # streams cut by a failed replica and continued on another
     policy: str  # the router's
+    router: str = "up"  # "up", "down" (dead or hung) or "restarting"
+    router_restarts: int = 0
 
 
 class Health(BaseModel):

@@ -17,6 +17,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -113,11 +114,54 @@ def _cause(tail: str) -> str:
 
 _LIVE: set[ChildProcess] = set()
 _LIVE_LOCK = threading.Lock()
+_STOPPING = threading.Event()  # set at interpreter exit: no start (or restart) from then on
+
+# Nothing we start may outlive dhllm, even a `kill -9` of it (measured on main: 8 of 9
+# descendants kept running, holding ports and memory). Each child runs in a process group of
+# its own (stop() signals the group: vLLM's engine core and workers, the router's Rust
+# process), so the parent-death signal of one process is not enough: Linux's
+# prctl(PR_SET_PDEATHSIG) reaches only the direct child, and it fires when the *thread* that
+# forked it ends (prctl(2)), and our supervisor restarts replicas from short-lived threads. So a
+# small watchdog process holds a pipe from us: when we die, however we die, the kernel closes
+# our end, it reads EOF and SIGKILLs every group still registered. The same works on macOS (a
+# pipe's EOF is POSIX). Windows has no process groups to signal (``os.killpg``): vLLM does not
+# run there natively (use WSL, where this is Linux).
+_WATCHDOG = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the terminal is our parent's to act on
+groups = set()
+for line in sys.stdin:  # until EOF: the parent died, or exits having stopped every group
+    (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
+for pgid in groups:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+_watchdog: subprocess.Popen[bytes] | None = None
+
+
+def _watch_group(pgid: int, on: bool) -> None:
+    """Tell the watchdog to kill group ``pgid`` if we die (``on``), or to forget it."""
+    global _watchdog
+    if not hasattr(os, "killpg"):
+        return
+    with _LIVE_LOCK:
+        try:
+            if _watchdog is None or _watchdog.poll() is not None:
+                _watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG],
+                                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+            assert _watchdog.stdin is not None
+            _watchdog.stdin.write(f"{'+' if on else '-'}{pgid}\n".encode())
+            _watchdog.stdin.flush()
+        except OSError:  # no watchdog: stop() and the atexit hook still stop the group
+            pass
 
 
 def _stop_all() -> None:
     """atexit hook: an interpreter exit must never leave a vLLM server (or router) running."""
     with _LIVE_LOCK:
+        _STOPPING.set()  # a supervisor's restart in flight now refuses to start
         live = list(_LIVE)
     for proc in live:
         proc.stop(timeout=5)
@@ -187,7 +231,9 @@ class ChildProcess:
             self.check()
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             # A restart appends: the crash that made it necessary stays in the log.
-            with self.log_path.open("ab" if self.starts else "wb") as log:
+            with self.log_path.open("ab" if self.starts else "wb") as log, _LIVE_LOCK:
+                if _STOPPING.is_set():  # checked under the lock _stop_all copies the list with
+                    raise VLLMError(f"not starting {self.label}: dhllm is stopping")
                 # Own session = own process group: stop() signals the server and every process
                 # it spawned together (vLLM's engine core, the router's Rust process), and a
                 # Ctrl-C in a terminal does not reach them half-way through.
@@ -199,9 +245,9 @@ class ChildProcess:
                     env=self.environment(),
                     start_new_session=True,
                 )
-            self.starts += 1
-            with _LIVE_LOCK:
                 _LIVE.add(self)
+            self.starts += 1
+            _watch_group(self._proc.pid, True)
         try:
             self._wait_healthy(timeout, progress)
         except BaseException:
@@ -255,6 +301,8 @@ class ChildProcess:
             pgid = proc.pid  # start_new_session=True: the leader's pid is the group id
             deadline = time.monotonic() + timeout
             _signal_group(pgid, signal.SIGTERM)
+            # A stopped member (a SIGSTOPped engine core) acts on SIGTERM only once continued.
+            _signal_group(pgid, signal.SIGCONT)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(max(0.0, deadline - time.monotonic()))
             # The leader may exit before its children do (vLLM's engine core, the router's
@@ -268,6 +316,8 @@ class ChildProcess:
                     time.sleep(0.05)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)  # reap the leader so no zombie stays in our own process table
+            if not _group_members(pgid):
+                _watch_group(pgid, False)  # its pgid may be reused: the watchdog forgets it
 
     def log_tail(self, n: int = 30) -> str:
         """The last ``n`` lines of its log (stdout and stderr)."""

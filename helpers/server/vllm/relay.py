@@ -13,9 +13,15 @@ rendered prompt and the template's stop strings, since Linly-7B has no chat temp
 Behind vllm-router (``retries`` > 0) a request whose replica fails is sent again, and the router
 picks another replica, as long as nothing of it reached the client: a reply the client gets
 whole (``Stream.buffered``: the chapter's ``POST /``, a non-streamed ``/v1``) is collected here
-and retried from scratch; a stream is retried only before its first token. A stream that had
-started ends with an error event: its text cannot be taken back. vLLM's stream that stops
-before ``[DONE]`` (its replica died) is such a failure, never a short answer.
+and retried from scratch; a stream is retried from scratch before its first token, and after
+it is *continued*: the prompt's token ids plus the ids already delivered go to another replica
+as a ``/v1/completions`` prompt, for the tokens still allowed, so the client sees one answer
+with a pause (greedy: the same tokens an undisturbed run gives; ``return_token_ids``, vLLM >=
+0.10.2, gives us the ids). A stream that cannot be continued ends with an error event: its text
+cannot be taken back. Every failure of vLLM's is one here, never a short answer: a stream that
+stops before ``[DONE]`` (its replica died), an ``{"error": ...}`` event (vLLM ends a failed
+stream with one, then ``[DONE]``) and ``finish_reason: "abort"``. A request cut by ``stop()``
+(the server is stopping) ends with a 503, never an empty 200.
 """
 
 from __future__ import annotations
@@ -23,16 +29,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
-
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from helpers.chat.base import GenerationParams, Message, validate_messages
 from helpers.chat.prompts import LINLY_STOP, render_linly_prompt
 from helpers.server.engine import Engine, EngineStoppedError, Finish, QueueFullError, Stream
 
+log = logging.getLogger("dhllm.server.vllm")
 CANCEL_POLL_S = 0.05  # how often a relay checks whether its client went away
+# The router takes a dead replica out at its next health check (2 s), our supervisor within
+# ~1 s: waiting 0.5 s, then 1 s, lands on a live one.
+RETRY_WAITS_S = (0.5, 1.0, 2.0, 4.0)
 
 
 class VLLMEngine(Engine):
@@ -53,6 +62,7 @@ class VLLMEngine(Engine):
         self.timeout = timeout
         self.retries = retries
         self.retried = 0  # attempts made again after a failure (all requests)
+        self.continued = 0  # streams continued on another replica after a failure mid-way
         self._client: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = True
@@ -75,7 +85,9 @@ class VLLMEngine(Engine):
     def replica_health(self) -> dict[str, Any] | None:
         """Replicas in all and healthy (behind a router we started), for ``/health``."""
         health = getattr(self.process, "health", None)
-        return {**health(), "retried": self.retried} if health is not None else None
+        if health is None:
+            return None
+        return {**health(), "retried": self.retried, "continued": self.continued}
 
     def submit(self, messages: Sequence[Message], params: GenerationParams,
                prompt_text: str | None = None) -> Stream:
@@ -144,7 +156,10 @@ class VLLMEngine(Engine):
             finish = await self._copy_retrying(stream, *self._request(messages, params,
                                                                       prompt_text))
         except asyncio.CancelledError:
-            finish = Finish("cancelled")
+            # The reader went away, or stop() cut it: a server that stops answers 503.
+            finish = Finish("cancelled") if stream.cancelled.is_set() else Finish(
+                "error", error=EngineStoppedError("the server is stopping; send the request "
+                                                  "again in a moment"))
         except Exception as exc:  # handed to the reader, who maps it to an HTTP status
             finish = Finish("error", error=upstream_error(exc))
         finally:
@@ -153,38 +168,49 @@ class VLLMEngine(Engine):
         stream.close(finish)
 
     async def _copy_retrying(self, stream: Stream, endpoint: str, body: dict[str, Any]) -> Finish:
-        """``_copy``, again on a failure that no client has seen any of (see the module doc)."""
-        started = False  # a piece reached the reader (a streaming client may have it)
+        """``_copy``, again after a replica failure: from scratch while no client has seen any
+        of it, continued from the delivered token ids after (see the module doc)."""
+        sent = _Sent()
+        if self.retries and not stream.buffered:
+            body = {**body, "return_token_ids": True}  # what a continuation needs
+        for attempt in range(self.retries + 1):
+            pieces: list[str] = []
 
-        def retryable(exc: BaseException) -> bool:
-            return not started and not stream.cancelled.is_set() and _replica_failure(exc)
+            def deliver(piece: str, pieces: list[str] = pieces) -> None:
+                if stream.buffered:  # the client gets it whole: hold it until the end
+                    pieces.append(piece)
+                else:
+                    sent.text = True
+                    stream.put_text(piece)
 
-        def count(_state: Any) -> None:
-            self.retried += 1
-
-        # The router takes a dead replica out at its next health check (2 s), our supervisor
-        # within ~1 s: waiting 0.5 s, then 1 s, lands on a live one.
-        async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(self.retries + 1), retry=retry_if_exception(retryable),
-                wait=wait_exponential(multiplier=0.5, max=4), before_sleep=count, reraise=True):
-            with attempt:
-                pieces: list[str] = []
-
-                def deliver(piece: str, pieces: list[str] = pieces) -> None:
-                    nonlocal started
-                    if stream.buffered:  # the client gets it whole: hold it until the end
-                        pieces.append(piece)
-                    else:
-                        started = True
-                        stream.put_text(piece)
-
-                finish = await self._copy(deliver, endpoint, body)
-                if pieces:
-                    stream.put_text("".join(pieces))
-        return finish
+            try:
+                finish = await self._copy(deliver, endpoint, body, sent)
+            except Exception as exc:
+                if (attempt == self.retries or stream.cancelled.is_set()
+                        or not _replica_failure(exc)):
+                    raise
+                if sent.text:
+                    continued = sent.continuation(body)
+                    if continued is None:
+                        raise  # no token ids to go on from: the text cannot be taken back
+                    endpoint, body = "/completions", continued
+                    self.continued += 1
+                    log.warning("vLLM replica failed mid-stream (%s); continuing after %d "
+                                "tokens on another", exc, len(sent.token_ids))
+                self.retried += 1
+                await asyncio.sleep(RETRY_WAITS_S[min(attempt, len(RETRY_WAITS_S) - 1)])
+                continue
+            if pieces:
+                stream.put_text("".join(pieces))
+            if sent.continued and sent.prompt_ids is not None:
+                # A continued answer: count it as one request (its prompt, all its tokens).
+                finish.prompt_tokens = len(sent.prompt_ids)
+                finish.completion_tokens = len(sent.token_ids)
+            return finish
+        raise AssertionError("unreachable")
 
     async def _copy(self, deliver: Callable[[str], None], endpoint: str,
-                    body: dict[str, Any]) -> Finish:
+                    body: dict[str, Any], sent: _Sent | None = None) -> Finish:
         finish = Finish("stop")
         done = False
         # Leaving the block closes the response: vLLM notices and aborts the request.
@@ -198,12 +224,22 @@ class VLLMEngine(Engine):
                 if not line.startswith("data:") or done:
                     continue
                 chunk = json.loads(line[5:])
+                if chunk.get("error"):  # vLLM's way to end a stream that failed mid-way
+                    raise UpstreamErrorEvent(chunk["error"])
+                if sent is not None:
+                    sent.prompt(chunk.get("prompt_token_ids"))
                 for choice in chunk.get("choices") or ():
                     piece = (choice.get("delta") or {}).get("content") or choice.get("text")
+                    if sent is not None:
+                        sent.prompt(choice.get("prompt_token_ids"))
+                        sent.token_ids.extend(choice.get("token_ids") or ())
                     if piece:
                         deliver(piece)
-                    if choice.get("finish_reason"):
-                        finish.reason = "length" if choice["finish_reason"] == "length" else "stop"
+                    reason = choice.get("finish_reason")
+                    if reason == "abort":  # vLLM aborted it (engine stopping, or failing)
+                        raise UpstreamErrorEvent({"message": "vLLM aborted the request"})
+                    if reason:
+                        finish.reason = "length" if reason == "length" else "stop"
                 usage = chunk.get("usage")
                 if usage:
                     finish.prompt_tokens = usage.get("prompt_tokens", 0)
@@ -232,17 +268,56 @@ class VLLMEngine(Engine):
             setattr(self.stats, counter, getattr(self.stats, counter) + 1)
 
 
+class _Sent:
+    """What of one request reached the client: whether any text, and its token ids (with the
+    prompt's), from which another replica can go on."""
+
+    def __init__(self) -> None:
+        self.text = False
+        self.prompt_ids: list[int] | None = None  # the first attempt's prompt, as vLLM saw it
+        self.continued = False
+        self.token_ids: list[int] = []  # every token delivered so far, all attempts
+
+    def prompt(self, ids: list[int] | None) -> None:
+        if ids and self.prompt_ids is None:
+            self.prompt_ids = list(ids)
+
+    def continuation(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The body that goes on from here: prompt and delivered ids, the tokens left."""
+        if self.prompt_ids is None:
+            return None
+        left = body["max_tokens"] - len(self.token_ids) if body.get("max_tokens") else None
+        if left is not None and left <= 0:
+            return None
+        self.continued = True
+        original = {k: v for k, v in body.items() if k not in ("messages", "prompt")}
+        continued = {**original, "prompt": self.prompt_ids + self.token_ids,
+                     "return_token_ids": True}
+        if left is not None:
+            continued["max_tokens"] = left
+        return continued
+
+
 def _replica_failure(exc: BaseException) -> bool:
     """A failure another replica may not have: down, cut off, or a 5xx (not our bad request)."""
     import httpx
 
     if isinstance(exc, UpstreamStatusError):
         return exc.status >= 500
-    return isinstance(exc, httpx.TransportError | BrokenStreamError)
+    return isinstance(exc, httpx.TransportError | BrokenStreamError | UpstreamErrorEvent)
 
 
 class BrokenStreamError(Exception):
     """vLLM's stream ended without ``[DONE]``: the replica died or the connection was cut."""
+
+
+class UpstreamErrorEvent(Exception):
+    """vLLM's stream carried an ``{"error": ...}`` event or ``finish_reason: "abort"``."""
+
+    def __init__(self, error: Any) -> None:
+        message = error.get("message") if isinstance(error, dict) else str(error)
+        super().__init__(f"vLLM failed in the middle of the answer: {message}")
+        self.message = str(message)[:500]
 
 
 class UpstreamStatusError(Exception):
@@ -268,6 +343,9 @@ def upstream_error(exc: BaseException) -> BaseException:
     if isinstance(exc, httpx.TransportError | BrokenStreamError):  # cut off while answering
         return UnavailableError("vLLM stopped in the middle of the answer (did a replica crash? "
                                 "see its log); send the request again")
+    if isinstance(exc, UpstreamErrorEvent):
+        return UnavailableError("vLLM failed in the middle of the answer (see its log); send "
+                                "the request again", provider_message=exc.message)
     if isinstance(exc, UpstreamStatusError):
         if 400 <= exc.status < 500:
             return BadRequestError(f"vLLM refused the request: {exc.message}",

@@ -8,14 +8,23 @@ other machines (``DHLLM_VLLM_URL=url1,url2``) are only watched and routed to, no
 A supervisor thread checks every replica about once a second. A replica whose process exited
 is removed from the router at once (the router's own health check would take up to a few
 seconds), its process group is stopped (a ``kill -9`` of vLLM's API server leaves its engine
-core running) and it is started again with exponential backoff; once its ``/health`` answers,
-it is added back. ``health()`` is what dhllm's ``/health`` shows.
+core running) and it is started again with exponential backoff; once it answers, it is added
+back. "Answers" means it *generates*: vLLM's ``/health`` says 200 while its engine core is
+hung (SIGSTOP, a deadlock; measured 2026-12-07), so a replica that has produced no token since
+the last look (its ``/metrics`` counter) must finish a 1-token completion within
+``PROBE_TIMEOUT_S``. One that does not is taken out of routing at once and restarted after
+``RESTART_AFTER`` misses in a row. A busy replica whose counter moves is not probed at all.
+
+The router is supervised too: if it exits or stops answering ``/liveness``, it is started
+again over the replicas that are healthy at that moment (the others join as they recover).
+``health()`` is what dhllm's ``/health`` shows, router state included.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -34,6 +43,12 @@ from helpers.server.vllm.venv import VLLMError
 
 log = logging.getLogger("dhllm.server.vllm")
 BACKOFF_S = (1.0, 60.0)  # first wait before a restart, and the longest (doubling in between)
+PROBE_TIMEOUT_S = 3.0  # a 1-token completion on an idle replica took well under this here
+PROBE_EVERY_S = 3.0  # an idle replica proven to generate is probed again after this long
+RESTART_AFTER = 4  # misses in a row before a replica whose process still runs is restarted
+ROUTER_MISSES = 3  # /liveness misses in a row before the router counts as hung
+# vLLM's Prometheus counter of generated tokens: moving means the engine generates.
+_TOKENS_METRIC = re.compile(r"^vllm:generation_tokens_total(?:\{[^}]*\})? ([0-9.eE+]+)$", re.M)
 
 
 @dataclass
@@ -48,7 +63,11 @@ class Replica:
     failed_starts: int = 0  # in a row: how long the next backoff is
     restart_at: float = 0.0  # monotonic time of the next restart attempt
     restarting: bool = False
-    misses: int = 0  # failed health probes in a row
+    misses: int = 0  # failed checks in a row (no /health, or no token)
+    hung: bool = False  # answers /health but does not generate
+    model: str | None = None  # its served model name (asked once of a remote replica)
+    tokens: float | None = None  # its generated-tokens counter at the last look
+    generated_at: float = 0.0  # monotonic time it was last seen generating
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +137,11 @@ class ReplicaSet:
         self._thread: threading.Thread | None = None
         self._session = requests.Session()
         self._session.trust_env = False
+        self.router_state = "down"  # "up", "down" (dead or hung) or "restarting"
+        self.router_restarts = 0
+        self._router_misses = 0
+        self._router_failed_starts = 0
+        self._router_restart_at = 0.0
 
     @classmethod
     def local(cls, model_dir: str | Path, served_name: str, n: int, python: str | Path,
@@ -129,7 +153,7 @@ class ReplicaSet:
             process = VLLMProcess(model_dir, served_name, free_port(), python, dtype=dtype,
                                   extra_args=[*extra_args, *place_args],
                                   env={**(env or {}), **place_env})
-            replicas.append(Replica(process.url, process))
+            replicas.append(Replica(process.url, process, model=served_name))
         router = RouterProcess([r.url for r in replicas], free_port(), router_python,
                                policy=policy)
         return cls(replicas, router)
@@ -164,6 +188,7 @@ class ReplicaSet:
             # The router waits for every worker it is given; the others join once they answer.
             self.router.worker_urls = up
             self.router.start(timeout=60, progress=progress)
+            self.router_state = "up"
         except BaseException:
             self.stop()
             raise
@@ -186,19 +211,29 @@ class ReplicaSet:
                 time.sleep(0.1)
 
     def health(self) -> dict[str, Any]:
-        """Replicas in all and healthy (answering and routed to), restarts, the routing policy."""
+        """Replicas in all, healthy (generating and routed to) and hung, restarts, the router."""
         return {"total": len(self.replicas), "healthy": sum(r.healthy for r in self.replicas),
-                "restarts": sum(r.restarts for r in self.replicas), "policy": self.router.policy}
+                "hung": sum(r.hung for r in self.replicas),
+                "restarts": sum(r.restarts for r in self.replicas), "policy": self.router.policy,
+                "router": self.router_state, "router_restarts": self.router_restarts}
 
     # -- supervision ------------------------------------------------------------------------
 
     def _supervise(self) -> None:
         while not self._stop.wait(self.check_s):
-            for replica in self.replicas:
-                try:
-                    self._check(replica)
-                except Exception:  # one bad check must never end supervision
-                    log.exception("checking vLLM replica %s failed", replica.url)
+            self._supervise_once()
+
+    def _supervise_once(self) -> None:
+        """One round: the router, then each replica."""
+        try:
+            self._check_router()
+        except Exception:  # one bad check must never end supervision
+            log.exception("checking vllm-router failed")
+        for replica in self.replicas:
+            try:
+                self._check(replica)
+            except Exception:  # one bad check must never end supervision
+                log.exception("checking vLLM replica %s failed", replica.url)
 
     def _check(self, replica: Replica) -> None:
         process = replica.process
@@ -215,7 +250,29 @@ class ReplicaSet:
                 threading.Thread(target=self._restart, args=(replica,), daemon=True).start()
             return
         ok = self._answers(replica)
-        replica.misses = 0 if ok else replica.misses + 1
+        generates = ok and self._generates(replica)
+        replica.misses = 0 if generates else replica.misses + 1
+        if ok and not generates:  # up, but its engine does not generate: out at once
+            if not replica.hung:
+                log.warning("vLLM replica %s answers /health but generates nothing (hung "
+                            "engine?); taking it out of routing", replica.url)
+            replica.hung = True
+            replica.healthy = False
+            self._route(replica, False)
+        elif generates and replica.hung:
+            replica.hung = False
+            log.warning("vLLM replica %s generates again", replica.url)
+        if (not generates and process is not None and replica.misses >= RESTART_AFTER
+                and not self._stop.is_set()):
+            log.warning("vLLM replica %s missed %d checks in a row; restarting it", replica.url,
+                        replica.misses)
+            replica.healthy = False
+            self._route(replica, False)
+            replica.misses = 0
+            replica.restarting = True
+            threading.Thread(target=self._restart, args=(replica,), daemon=True).start()
+            return
+        ok = generates
         if ok and not (replica.healthy and replica.routed):
             # Healthy means "takes traffic": only once the router has it back. vllm-router's
             # /add_worker probes the worker first (0.01 s if it answers; a worker that does not
@@ -232,11 +289,14 @@ class ReplicaSet:
         """Stop what is left of its process group and start it again (in its own thread)."""
         assert replica.process is not None
         try:
-            replica.process.stop()  # its engine core may have outlived the API server
+            # Its engine core may have outlived the API server; a hung one may ignore SIGTERM.
+            replica.process.stop(timeout=5)
             if not self._stop.is_set():
                 replica.process.start(timeout=self.start_timeout)
                 replica.restarts += 1
                 replica.failed_starts = 0
+                replica.hung = False
+                replica.tokens = None
         except Exception as exc:  # noqa: BLE001 - logged; the next check schedules a retry
             replica.failed_starts += 1
             replica.restart_at = time.monotonic() + self._backoff(replica)
@@ -256,10 +316,95 @@ class ReplicaSet:
         try:
             (self.router.add_worker if on else self.router.remove_worker)(replica.url)
         except (VLLMError, requests.RequestException) as exc:
+            # vllm-router's /add_worker goes on registering after our client gave up (10 s):
+            # the next add says "already exists". It is in, as a removal of one not there is out.
+            said = str(exc).lower()
+            if ("already exists" in said) if on else ("not found" in said):
+                replica.routed = on
+                return
             log.warning("vllm-router refused to %s %s: %s", "add" if on else "remove",
                         replica.url, exc)
             return
         replica.routed = on
+
+    def _check_router(self) -> None:
+        """A router that exited or stopped answering is started again over the healthy replicas."""
+        router = self.router
+        if not hasattr(router, "running"):  # a double in tests that is not a process
+            return
+        if router.running:
+            try:
+                alive = self._session.get(router.url + router.health_path,
+                                          timeout=2).status_code == 200
+            except requests.RequestException:
+                alive = False
+            self._router_misses = 0 if alive else self._router_misses + 1
+            if alive:
+                self.router_state = "up"
+            if self._router_misses < ROUTER_MISSES:
+                return
+        if self.router_state == "up":
+            log.warning("vllm-router %s", "exited" if not router.running else
+                        "stopped answering")
+            self.router_state = "down"
+            self._router_restart_at = time.monotonic()
+        up = [r for r in self.replicas if r.healthy]
+        if not up or time.monotonic() < self._router_restart_at or self._stop.is_set():
+            return  # with no healthy replica there is nothing to route to yet
+        self.router_state = "restarting"
+        try:
+            router.stop(timeout=5)  # what is left of its group (the launcher, a hung router)
+            router.worker_urls = [r.url for r in up]
+            router.start(timeout=30)
+        except Exception as exc:  # noqa: BLE001 - logged; tried again after a backoff
+            self._router_failed_starts += 1
+            first, longest = BACKOFF_S
+            self._router_restart_at = time.monotonic() + min(
+                longest, first * 2 ** self._router_failed_starts)
+            self.router_state = "down"
+            log.warning("restarting vllm-router failed: %s", str(exc)[:300])
+            return
+        for replica in self.replicas:  # it knows the healthy ones; the others join later
+            replica.routed = replica in up
+        self._router_misses = self._router_failed_starts = 0
+        self.router_restarts += 1
+        self.router_state = "up"
+        log.warning("vllm-router restarted over %d healthy replicas", len(up))
+
+    def _generates(self, replica: Replica) -> bool:
+        """Whether its engine produces tokens: its counter moved, or a 1-token completion."""
+        now = time.monotonic()
+        tokens = self._tokens(replica)
+        moved = tokens is not None and replica.tokens is not None and tokens > replica.tokens
+        replica.tokens = tokens
+        if moved or (not replica.hung and replica.misses == 0
+                     and now - replica.generated_at < PROBE_EVERY_S):
+            if moved:
+                replica.generated_at = now
+            return True  # busy and generating, or proven a moment ago: no probe
+        try:
+            if replica.model is None:
+                models = self._session.get(replica.url + "/v1/models", timeout=PROBE_TIMEOUT_S)
+                replica.model = models.json()["data"][0]["id"]
+            reply = self._session.post(
+                replica.url + "/v1/completions", timeout=PROBE_TIMEOUT_S,
+                json={"model": replica.model, "prompt": "1", "max_tokens": 1, "temperature": 0})
+            ok = reply.status_code == 200
+        except (requests.RequestException, ValueError, KeyError, IndexError):
+            ok = False
+        if ok:
+            replica.generated_at = time.monotonic()
+            replica.tokens = self._tokens(replica)  # the probe's own token is not traffic
+        return ok
+
+    def _tokens(self, replica: Replica) -> float | None:
+        """Its generated-tokens counter (summed over engines), or None without one."""
+        try:
+            reply = self._session.get(replica.url + "/metrics", timeout=2)
+        except requests.RequestException:
+            return None
+        found = _TOKENS_METRIC.findall(reply.text) if reply.status_code == 200 else []
+        return sum(float(v) for v in found) if found else None
 
     def _answers(self, replica: Replica) -> bool:
         try:
