@@ -25,9 +25,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from helpers.background_server import ServerHandle, free_port, start_uvicorn
-from helpers.bench.fault_cases import MARK, Baseline, builtin_faults, kill_ours, left_over
+from helpers.bench.fault_cases import (
+    MARK,
+    STAGES,
+    Baseline,
+    builtin_faults,
+    kill_ours,
+    left_over,
+    wrap_stage,
+)
 from helpers.bench.fault_load import Load, classify, references, send, under_load
 from helpers.bench.faults import markdown, write_block
+from helpers.server.engine import create_engine
 
 WORDS = ["one", " two", " three", " four", " five", " six", " seven", " eight"]
 HANG_S = 1.5  # the client's timeout in these tests (the bench's is 30 s)
@@ -192,3 +201,9 @@ def test_a_rerun_replaces_its_own_table_and_keeps_the_others(tmp_path: Path):
     text = path.read_text(encoding="utf-8")
     assert text.startswith("# Faults\n\nprose\n")
     assert "| a |" not in text and text.index("| c |") < text.index("| b |")
+
+
+def test_every_builtin_stage_the_bench_breaks_exists(tiny_chat):
+    """A renamed engine part must not turn a fault into 'no such stage here' unnoticed."""
+    for name, (part, method) in STAGES.items():
+        assert wrap_stage(create_engine(tiny_chat), part, method) is not None, name

@@ -172,7 +172,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "decode": ("runner", "decode"),
     "sampling": ("runner", "pick"),
     "KV join": ("kv", "join"),
-    "KV leave (keep rows)": ("kv", "keep"),
+    "KV leave (retain rows)": ("kv", "retain"),
     "KV store (prefix cache)": ("kv.prefix_cache", "store"),
     "stream end (finish)": ("", "_finish"),
     "bookkeeping (gauges)": ("", "_update_gauges"),
