@@ -17,6 +17,7 @@ import pytest
 
 from helpers.chat import GenerationParams, TransformersChat
 from helpers.server.engine import BatchingEngine, EngineStoppedError, Stream
+from helpers.server.engine import batching as batching_module
 from helpers.server.engine import kv_manager as kv_manager_module
 from helpers.server.engine.prefill import PrefillGroup
 from helpers.server.engine.prefix_cache import PrefixCache
@@ -195,7 +196,7 @@ def test_a_failed_block_store_costs_blocks_never_a_reply(engine, solo, monkeypat
 
 # The loop itself (issue 24): whatever fails, no stream is left open, and a dead engine says so.
 
-def test_a_failure_outside_every_stage_ends_every_stream_and_submit_refuses(engine, monkeypatch):
+def test_a_failure_outside_every_stage_ends_every_stream_then_serves_again(engine, monkeypatch):
     runner = running(engine)
     queued = engine.submit(user(LONG_PROMPT), GREEDY)
     monkeypatch.setattr(engine, "_update_gauges", raise_once(engine._update_gauges))
@@ -203,9 +204,24 @@ def test_a_failure_outside_every_stage_ends_every_stream_and_submit_refuses(engi
     assert isinstance(error, Boom) and runner.stream.finish.reason == "error"
     _, error = collect(queued, timeout=60)
     assert error is not None and queued.finish.reason == "error"
+    # The same worker goes on: the next request is served, no restart needed.
+    assert collect(engine.submit(user("hi"), GREEDY), timeout=60)[1] is None
+    assert engine._thread is not None and engine._thread.is_alive()
+
+
+def test_a_worker_that_keeps_failing_stops_and_submit_refuses(engine, monkeypatch):
+    def always(*_: Any, **__: Any) -> None:
+        raise Boom("injected failure")
+
+    monkeypatch.setattr(engine, "_update_gauges", always)
+    for _ in range(batching_module.CRASH_LIMIT):
+        _, error = collect(engine.submit(user("hi"), GREEDY), timeout=60)
+        assert isinstance(error, Boom)
+    engine._thread.join(30)
     with pytest.raises(EngineStoppedError, match="after an error") as refused:
         engine.submit(user("hi"), GREEDY)
     assert refused.value.status_code == 503
+    monkeypatch.undo()
     engine.stop()
     engine.start()  # a new worker serves again
     assert collect(engine.submit(user("hi"), GREEDY))[1] is None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +32,10 @@ from helpers.server.engine.runner import ModelRunner
 from helpers.server.engine.scheduler import PATIENCE, Request, Scheduler, StepPlan
 
 log = logging.getLogger(__name__)
+# A worker whose loop fails goes on with the next requests, unless it failed CRASH_LIMIT times
+# within CRASH_WINDOW_S seconds: then it stops, and submit refuses with a 503.
+CRASH_LIMIT = 3
+CRASH_WINDOW_S = 60.0
 
 
 class BatchingEngine(Engine):
@@ -150,15 +155,30 @@ class BatchingEngine(Engine):
         import torch
 
         error: BaseException = EngineStoppedError("the server is shutting down")
-        try:
-            with torch.inference_mode():
-                while (plan := self._next_plan()) is not None:
-                    self._step(plan)
-        except BaseException as exc:  # a bug outside every stage's guard: no stream may hang
-            log.exception("the engine's worker failed; every open request ends with the error")
-            error = self._failure = exc
-        finally:
-            self._shut_down(error)
+        failures: list[float] = []  # when the loop failed recently (a crash loop gives up)
+        while True:
+            try:
+                with torch.inference_mode():
+                    while (plan := self._next_plan()) is not None:
+                        self._step(plan)
+                break
+            except Exception as exc:  # a bug outside every stage's guard: no stream may hang
+                now = time.monotonic()
+                failures = [t for t in failures if now - t < CRASH_WINDOW_S] + [now]
+                if len(failures) >= CRASH_LIMIT:
+                    log.exception("the engine's worker failed %d times in %.0f s; it stops, "
+                                  "and every open request ends with the error", CRASH_LIMIT,
+                                  CRASH_WINDOW_S)
+                    error = self._failure = exc
+                    break
+                # One failure: end what was open (its state may be broken), then serve again.
+                log.exception("the engine's worker failed; every open request ends with the "
+                              "error, and it goes on with the next ones")
+                self._end_all(exc)
+            except BaseException as exc:  # SystemExit, KeyboardInterrupt: stop for good
+                error = self._failure = exc
+                break
+        self._shut_down(error)
 
     def _next_plan(self) -> StepPlan | None:
         """Wait for work, then ask the scheduler for the next step (None: stop)."""
@@ -295,6 +315,11 @@ class BatchingEngine(Engine):
         """End every open and queued stream with ``error``; ``submit`` refuses from now on."""
         with self._wake:
             self._stopping = True  # before the drain: nothing joins the queue after it
+        self._end_all(error)
+
+    def _end_all(self, error: BaseException) -> None:
+        """End every open and queued stream with ``error``; drop the prefix cache with them."""
+        with self._wake:
             queued = self.scheduler.drain()
             self.stats.waiting = 0
         self._fail(self.kv.take_running() + self.kv.take_prefilling()
@@ -304,7 +329,7 @@ class BatchingEngine(Engine):
             req.stream.close(Finish("error", len(req.prompt_ids), error=error))
         self.kv.take_blocks()
         if self.prefix_cache is not None:
-            self.prefix_cache.clear()  # its KV is memory a stopped server should give back
+            self.prefix_cache.clear()  # memory a stopped server gives back; maybe inconsistent
             with self._lock:
                 self.stats.cache_bytes = self.stats.cache_blocks = 0
 
