@@ -11,6 +11,7 @@ import pytest
 from helpers.client import LinlyClient, ServerError, get_completion
 from helpers.server import ServerHandle, serve_in_background
 from tests.conftest import free_port
+from tests.shell_args import windows_argv
 
 
 @pytest.fixture(scope="module")
@@ -65,40 +66,6 @@ def _bash_args(command: str) -> list[str]:
     return shlex.split(command)
 
 
-def _windows_args(command: str) -> list[str]:
-    """Split a command line as a Windows program does (CommandLineToArgvW / the MSVC runtime)."""
-    args, current, in_quotes, i, started = [], [], False, 0, False
-    while i < len(command):
-        ch = command[i]
-        if ch == "\\":
-            n = len(command) - i - len(command[i:].lstrip("\\"))
-            if i + n < len(command) and command[i + n] == '"':
-                current.append("\\" * (n // 2))
-                if n % 2:
-                    current.append('"')
-                    i += n + 1
-                else:
-                    i += n  # the quote toggles below
-                started = True
-                continue
-            current.append("\\" * n)
-            i += n
-            started = True
-            continue
-        if ch == '"':
-            in_quotes = not in_quotes
-            started = True
-        elif ch in " \t" and not in_quotes:
-            if started:
-                args.append("".join(current))
-                current, started = [], False
-        else:
-            current.append(ch)
-            started = True
-        i += 1
-    if started:
-        args.append("".join(current))
-    return args
 
 
 def _powershell_body(command: str) -> str:
@@ -119,7 +86,7 @@ def test_curl_command_quotes_the_json_for_each_shell(prompt):
     from helpers.client import curl_command
 
     url = "http://127.0.0.1:7871"
-    for shell, split in [("bash", _bash_args), ("cmd", _windows_args)]:
+    for shell, split in [("bash", _bash_args), ("cmd", windows_argv)]:
         args = split(curl_command(prompt, url, shell=shell, max_length=32))
         assert args[:3] == ["curl", "-X", "POST"] and args[3] == url, (shell, args)
         assert args[4:6] == ["-H", "Content-Type: application/json"], (shell, args)

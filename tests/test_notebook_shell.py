@@ -24,6 +24,8 @@ import pytest
 from IPython.core.inputtransformer2 import TransformerManager
 from IPython.utils.text import DollarFormatter
 
+from tests.shell_args import windows_argv
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
@@ -93,29 +95,6 @@ def body_sent(command: str, tmp_path: Path, windows: bool) -> dict | None:
     return None
 
 
-def windows_argv(command: str) -> list[str]:
-    """Split a command line as a Windows program's C runtime does (double quotes, `\\"`)."""
-    args, current, quoted, i, started = [], [], False, 0, False
-    while i < len(command):
-        ch = command[i]
-        if ch == "\\" and command[i + 1:i + 2] == '"':
-            current.append('"')
-            i += 2
-            started = True
-            continue
-        if ch == '"':
-            quoted, started = not quoted, True
-        elif ch in " \t" and not quoted:
-            if started:
-                args.append("".join(current))
-            current, started = [], False
-        else:
-            current.append(ch)
-            started = True
-        i += 1
-    if started:
-        args.append("".join(current))
-    return args
 
 
 CELLS = [(path.name, i, cell) for path in NOTEBOOKS for i, cell in enumerate(shell_cells(path))]
