@@ -44,7 +44,7 @@ def test_04_writes_the_sdk_calls_out_gemini_first():
     openai = code.index(".chat.completions.create(")
     assert code.index("genai.Client(") < gemini < openai, "the chapter's order: Gemini, then ChatGPT"
     assert 'OpenAI(base_url=own_url + "/v1"' in code  # without a key: the learner's own server
-    assert "OpenAI(base_url=base_url, api_key=get_secret(preset.key_env))" in code
+    assert "OpenAI(base_url=base_url, api_key=get_secret(preset.key_env), timeout=timeout)" in code
     assert "gpt or gemini" not in code and "clouds_with_keys()" in code
     assert "vllm" not in code.lower()  # vLLM and parallelism live in notebook 05
 
