@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import psutil
 import requests
 
 from helpers.cli import bind_warning
@@ -74,3 +75,21 @@ def test_binding_every_interface_without_a_key_warns():
     assert "--api-key" in bind_warning("0.0.0.0", None)
     assert bind_warning("0.0.0.0", "a-key") is None
     assert bind_warning("127.0.0.1", None) is None
+
+
+def test_sigterm_mid_stream_ends_it_with_an_error_event(tiny_model_dir):
+    """Issue 24: Ctrl-C / SIGTERM of dhllm serve while a stream runs: the stream ends with an
+    error event a client can see, never cut off without one (a silently short answer)."""
+    port = free_port()
+    with dhllm_serve(str(tiny_model_dir), port):
+        reply = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", stream=True,
+                              timeout=60, json={"messages": [{"role": "user", "content": "Go on."}],
+                                                "max_tokens": 1500, "stream": True})
+        lines = reply.iter_lines()
+        next(line for line in lines if line.startswith(b"data: {"))  # under way
+        server = next(p for p in psutil.process_iter(["cmdline"])
+                      if str(port) in " ".join(p.info["cmdline"] or []) and "serve" in
+                      " ".join(p.info["cmdline"] or []))
+        server.terminate()
+        rest = [line for line in lines if line.startswith(b"data: ")]
+    assert any(b'"error"' in line for line in rest[-2:]), rest[-3:]

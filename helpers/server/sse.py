@@ -18,12 +18,18 @@ from helpers.server.context import finish_of, finish_reason
 from helpers.server.engine import Stream
 from helpers.server.errors import map_exception
 
+SHUTDOWN_GRACE_S = 2.0  # below uvicorn's graceful shutdown timeout in serve_in_background (3 s)
+
 
 def openai_stream_response(stream: Stream, request: Request, model: str,
                            include_usage: bool) -> EventSourceResponse:
     """A streaming ``/v1/chat/completions`` reply for ``stream``."""
+    # On SIGTERM sse-starlette cancels every stream at once, cut off mid-answer with no event (a
+    # silently short answer to an SDK). The grace period lets ours end as the engine ends them,
+    # with an error event: dhllm serve stops its engine first (helpers.background_server).
     return EventSourceResponse(_events(stream, request, model, include_usage), sep="\n",
-                               headers={"Cache-Control": "no-cache"})
+                               headers={"Cache-Control": "no-cache"},
+                               shutdown_grace_period=SHUTDOWN_GRACE_S)
 
 
 async def _events(stream: Stream, request: Request, model: str,
