@@ -223,14 +223,20 @@ class StubRouter(StubReplica):
         pass
 
 
-def test_a_dead_router_is_restarted_over_the_healthy_replicas(stub: StubReplica) -> None:
-    up = Replica(stub.url, healthy=True, routed=True)
-    down = Replica(f"http://127.0.0.1:{free_port()}", healthy=False, routed=False)
+def supervising_a_real_router(members: list[Replica]) -> tuple[ReplicaSet, StubRouter]:
+    """A set over ``members`` whose supervisor runs (checks every 0.2 s) over a live stub router."""
     router = StubRouter().start(timeout=30)
-    replicas = ReplicaSet([up, down], router, check_s=0.2)  # type: ignore[arg-type]
+    replicas = ReplicaSet(members, router, check_s=0.2)  # type: ignore[arg-type]
     replicas.router_state = "up"
     replicas._thread = threading.Thread(target=replicas._supervise, daemon=True)
     replicas._thread.start()
+    return replicas, router
+
+
+def test_a_dead_router_is_restarted_over_the_healthy_replicas(stub: StubReplica) -> None:
+    up = Replica(stub.url, healthy=True, routed=True)
+    down = Replica(f"http://127.0.0.1:{free_port()}", healthy=False, routed=False)
+    replicas, router = supervising_a_real_router([up, down])
     try:
         router._proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
         deadline = time.monotonic() + 20
@@ -253,11 +259,7 @@ def test_a_dead_router_is_restarted_over_the_healthy_replicas(stub: StubReplica)
 
 def test_the_router_state_shows_while_nothing_can_restart_it(stub: StubReplica) -> None:
     down = Replica(f"http://127.0.0.1:{free_port()}", healthy=False, routed=False)
-    router = StubRouter().start(timeout=30)
-    replicas = ReplicaSet([down], router, check_s=0.2)  # type: ignore[arg-type]
-    replicas.router_state = "up"
-    replicas._thread = threading.Thread(target=replicas._supervise, daemon=True)
-    replicas._thread.start()
+    replicas, router = supervising_a_real_router([down])
     try:
         router._proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
         deadline = time.monotonic() + 10
