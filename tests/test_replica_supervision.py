@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
 import requests
 
@@ -32,6 +33,12 @@ import sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HUNG = sys.argv[2] == "hung"  # answers GET /health, but a completion never comes (SIGSTOP)
+if HUNG:  # its "engine core": a child in its process group, stopped, deaf to SIGTERM
+    import os, signal, subprocess
+    core = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                             "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+    time.sleep(0.5)
+    os.kill(core.pid, signal.SIGSTOP)
 
 class Health(BaseHTTPRequestHandler):
     def do_GET(self):
@@ -184,14 +191,20 @@ def hung_stub() -> Iterator[StubReplica]:
     process.stop()
 
 
-def test_a_hung_replica_is_taken_out_at_once_and_restarted_after_a_few_misses(
+def test_a_hung_replica_is_taken_out_after_two_misses_and_restarted_after_a_few(
         hung_stub: StubReplica, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(replicas_module, "PROBE_TIMEOUT_S", 0.5, raising=False)
     replica = Replica(hung_stub.url, hung_stub, healthy=True, routed=True)
     replicas, router = supervised(replica)
     replicas._check(replica)  # /health says 200, but the 1-token completion never comes
+    # One miss may be a loaded machine: still routed.
+    assert (replica.healthy, replica.routed, router.workers) == (True, True, [hung_stub.url])
+    assert replicas.health()["hung"] == 0
+    replicas._check(replica)  # a second miss in a row: out
     assert (replica.healthy, replica.routed, router.workers) == (False, False, [])
     assert replicas.health()["hung"] == 1 and hung_stub.running
+    core = psutil.Process(hung_stub.pid).children()
+    assert [p.status() for p in core] == [psutil.STATUS_STOPPED]
     hung_stub.hung = False  # the restart brings up one that generates
     deadline = time.monotonic() + 60
     while replica.restarts == 0 and time.monotonic() < deadline:
@@ -199,6 +212,8 @@ def test_a_hung_replica_is_taken_out_at_once_and_restarted_after_a_few_misses(
             replicas._check(replica)
         time.sleep(0.1)
     assert replica.restarts == 1 and hung_stub.starts == 2
+    # The stopped "engine core" that ignored SIGTERM went with its group (SIGKILL).
+    assert not [p for p in core if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     replicas._check(replica)
     assert (replica.healthy, replica.routed, router.workers) == (True, True, [hung_stub.url])
     assert replicas.health()["hung"] == 0

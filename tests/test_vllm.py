@@ -160,9 +160,22 @@ def test_stopping_dhllm_stops_vllm(vllm_app: tuple[ServerHandle, VLLMEngine]) ->
         requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
 
 
+def _engine_core_started(dhllm: subprocess.Popen) -> list[psutil.Process]:
+    """dhllm's descendants once vLLM's engine core is among them (``VLLM::EngineCore``)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and dhllm.poll() is None:
+        tree = psutil.Process(dhllm.pid).children(recursive=True)
+        with contextlib.suppress(psutil.Error):
+            if any("EngineCore" in " ".join([p.name(), *p.cmdline()]) for p in tree):
+                return tree
+        time.sleep(0.5)
+    raise AssertionError("vLLM's engine core never started")
+
+
 def test_a_kill_9_of_dhllm_leaves_no_vllm_process() -> None:
-    """``dhllm serve --engine vllm`` killed hard: its API server, engine core and the rest die
-    with it (before the watchdog, 8 of 9 descendants of a 2-replica dhllm kept running)."""
+    """``dhllm serve --engine vllm`` killed hard while vLLM is still starting (a learner's
+    interrupted cell, the commonest case): its API server, engine core and the rest die with it
+    (before the watchdog, 8 of 9 descendants of a 2-replica dhllm kept running)."""
     port = free_port()
     env = {**os.environ, "DHLLM_VLLM_ARGS": "--enforce-eager", "DHLLM_VLLM_KVCACHE_GB": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -171,13 +184,7 @@ def test_a_kill_9_of_dhllm_leaves_no_vllm_process() -> None:
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tree: list[psutil.Process] = []
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and dhllm.poll() is None:
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
-                    break
-            time.sleep(1)
-        tree = psutil.Process(dhllm.pid).children(recursive=True)
+        tree = _engine_core_started(dhllm)
         assert len(tree) >= 3, "vLLM's API server, its engine core, the watchdog"
         dhllm.kill()
         dhllm.wait(10)

@@ -3,8 +3,9 @@
 One set-up for the whole module (each replica on its own core, ``--enforce-eager``, 1 GiB of
 KV cache; ~1-2 min on 2 cores): the chapter's ``POST /`` through the router, a conversation
 that stays on the replica holding its prefix, the router alone over replicas given as URLs,
-a replica killed under load (no non-streamed request lost, it comes back), and nothing left
-running after stop. Skips, saying why, where vLLM or vllm-router is not installed (``make vllm``).
+a replica killed under load (no request lost, a cut stream continued token for token, it comes
+back), a hung engine core taken out, and nothing left running after stop. Skips, saying why,
+where vLLM or vllm-router is not installed (``make vllm``).
 """
 
 from __future__ import annotations
@@ -143,51 +144,6 @@ def ask(url: str, i: int) -> requests.Response:
     return requests.post(url + "/v1/chat/completions", json=body, timeout=300)
 
 
-def stream_events(url: str) -> list[str]:
-    """A streamed request's events until the end (an error event or the last chunk)."""
-    body = {"model": "embedded", "max_tokens": 200, "temperature": 0.7, "stream": True,
-            "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}]}
-    with requests.post(url + "/v1/chat/completions", json=body, stream=True,
-                       timeout=120) as reply:  # read timeout: a hang fails the test
-        return [line for line in reply.iter_lines(decode_unicode=True) if line]
-
-
-def test_a_replica_killed_under_load_loses_no_request_and_comes_back(
-        replicas_app: tuple[ServerHandle, VLLMEngine]) -> None:
-    handle, engine = replicas_app
-    replicas = replica_set(engine)
-    with ThreadPoolExecutor(9) as pool:
-        streamed = pool.submit(stream_events, handle.url)
-        plain = [pool.submit(ask, handle.url, i) for i in range(8)]
-        deadline = time.monotonic() + 120
-        load = {r.url: 0.0 for r in replicas.replicas}
-        while sum(load.values()) < 6 and time.monotonic() < deadline:
-            load = {r.url: running_upstream(r.url) for r in replicas.replicas}
-            time.sleep(0.2)
-        victim = next(r for r in replicas.replicas if r.url == max(load, key=load.get))
-        assert load[victim.url] > 0, load
-        server = psutil.Process(victim.process.pid)
-        engine_core = server.children(recursive=True)
-        os.kill(server.pid, signal.SIGKILL)  # a crash: its engine core is left running
-        replies = [f.result() for f in plain]
-        events = streamed.result()
-    assert [r.status_code for r in replies] == [200] * 8, [r.text[:200] for r in replies]
-    assert all(r.json()["choices"][0]["message"]["content"] for r in replies)
-    # Whole: a stream cut by the kill goes on on the other replica, never a hang or an error.
-    assert events[-1] == "data: [DONE]" and not any('"error"' in e for e in events), events[-3:]
-    # Taken out at once (the restart, a full vLLM start, is still under way).
-    assert replicas_health(handle.url)["healthy"] == 1
-    assert victim.url not in [w["url"] for w in replicas.router.workers() if w["is_healthy"]]
-    deadline = time.monotonic() + 400  # a restart is a full vLLM start (1-2 min on 2 cores)
-    while replicas_health(handle.url)["healthy"] < 2 and time.monotonic() < deadline:
-        time.sleep(1)
-    health = replicas_health(handle.url)
-    assert health["healthy"] == 2 and health["restarts"] == 1, health
-    assert victim.url in [w["url"] for w in replicas.router.workers() if w["is_healthy"]]
-    assert not [p.pid for p in engine_core if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert ask(handle.url, 0).status_code == 200
-
-
 def wait_until_both_healthy(url: str) -> dict[str, Any]:
     deadline = time.monotonic() + 400  # a restart is a full vLLM start (1-2 min on 2 cores)
     while replicas_health(url)["healthy"] < 2 and time.monotonic() < deadline:
@@ -197,13 +153,13 @@ def wait_until_both_healthy(url: str) -> dict[str, Any]:
 
 def greedy_stream(url: str, on_piece: Any = None) -> tuple[str, int]:
     """A greedy streamed answer: its text and its completion tokens (from usage)."""
-    body = {"model": "embedded", "max_tokens": 96, "temperature": 0, "stream": True,
+    body = {"model": "embedded", "max_tokens": 160, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": "Tell a long story about a lighthouse "
                                                      "keeper and a storm."}]}
     pieces, tokens = [], 0
     with requests.post(url + "/v1/chat/completions", json=body, stream=True,
-                       timeout=120) as reply:
+                       timeout=120) as reply:  # read timeout: a hang fails the test
         for line in reply.iter_lines(decode_unicode=True):
             if not line.startswith("data: {"):
                 continue
@@ -218,33 +174,67 @@ def greedy_stream(url: str, on_piece: Any = None) -> tuple[str, int]:
     return "".join(pieces), tokens
 
 
-def test_a_stream_cut_by_a_replica_death_goes_on_token_for_token(
+def test_a_replica_killed_under_load_loses_nothing_and_comes_back(
         replicas_app: tuple[ServerHandle, VLLMEngine]) -> None:
+    """kill -9 of the replica that streams a greedy answer, with 8 plain requests in flight: the
+    plain ones all answer, the stream goes on on the other replica token for token, the dead
+    one is out of routing at once and back after a restart. (One test: each restart is a full
+    vLLM start, 1-2 min on 2 cores.)"""
     handle, engine = replicas_app
     replicas = replica_set(engine)
     undisturbed, tokens = greedy_stream(handle.url)
-    assert tokens > 40, (undisturbed, tokens)  # long enough to be cut in the middle
-    killed: list[str] = []
-
-    def kill_the_serving_replica(pieces: int) -> None:
-        if pieces != 12 or killed:
-            return
-        load = {r.url: running_upstream(r.url) for r in replicas.replicas}
-        victim = next(r for r in replicas.replicas if r.url == max(load, key=load.get))
-        assert load[victim.url] > 0, load
-        os.kill(victim.process.pid, signal.SIGKILL)
-        killed.append(victim.url)
-
+    assert tokens > 60, (undisturbed, tokens)  # long enough to be cut in the middle
     continued = engine.continued
-    joined, joined_tokens = greedy_stream(handle.url, kill_the_serving_replica)
-    assert killed and engine.continued == continued + 1
+    victim: list[Any] = []
+    with ThreadPoolExecutor(8) as pool:
+        plain: list[Any] = []
+
+        def load_then_kill(pieces: int) -> None:
+            if pieces == 4:  # the stream runs alone: the replica with a request running has it
+                for _ in range(20):  # (unless a supervisor's 1-token probe runs just then)
+                    busy = [r for r in replicas.replicas if running_upstream(r.url) > 0]
+                    if len(busy) == 1:
+                        break
+                    time.sleep(0.05)
+                assert len(busy) == 1, busy
+                victim.append(busy[0])
+                plain.extend(pool.submit(ask, handle.url, i) for i in range(8))
+            elif pieces == 24:  # the plain requests have reached the replicas by now
+                assert running_upstream(victim[0].url) > 0
+                os.kill(victim[0].process.pid, signal.SIGKILL)  # its engine core is left running
+
+        engine_core = psutil.Process(replicas.replicas[0].process.pid).children(recursive=True)
+        engine_core += psutil.Process(replicas.replicas[1].process.pid).children(recursive=True)
+        joined, joined_tokens = greedy_stream(handle.url, load_then_kill)
+        replies = [f.result() for f in plain]
+    assert [r.status_code for r in replies] == [200] * 8, [r.text[:200] for r in replies]
+    assert all(r.json()["choices"][0]["message"]["content"] for r in replies)
+    # Whole: the cut stream went on on the other replica, never a hang or an error.
+    assert engine.continued == continued + 1
     assert joined == undisturbed and joined_tokens == tokens
+    # Taken out at once (the restart, a full vLLM start, is still under way).
+    assert replicas_health(handle.url)["healthy"] == 1
+    assert victim[0].url not in [w["url"] for w in replicas.router.workers() if w["is_healthy"]]
     health = wait_until_both_healthy(handle.url)
-    assert health["healthy"] == 2, health
+    assert health["healthy"] == 2 and health["restarts"] == 1, health
+    assert victim[0].url in [w["url"] for w in replicas.router.workers() if w["is_healthy"]]
+    survivors = {p.pid for r in replicas.replicas
+                 for p in psutil.Process(r.process.pid).children(recursive=True)}
+    left = [p.pid for p in engine_core if p.pid not in survivors and p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"the killed replica's engine core outlived it: {left}"
+    assert ask(handle.url, 0).status_code == 200
 
 
-def test_a_hung_engine_core_is_taken_out_and_restarted(
-        replicas_app: tuple[ServerHandle, VLLMEngine]) -> None:
+def test_a_hung_engine_core_is_taken_out_and_let_back_when_it_generates(
+        replicas_app: tuple[ServerHandle, VLLMEngine], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGSTOPped engine core: its API server still says 200 on /health, but the replica is
+    taken out because it generates nothing; continued, it is let back without a restart.
+    (The restart after more misses, a stopped process group replaced, is tested on a stand-in
+    in test_replica_supervision.py: here it would cost a full vLLM start.)"""
+    from helpers.server.vllm import replicas as replicas_module
+
+    monkeypatch.setattr(replicas_module, "RESTART_AFTER", 10_000)
     handle, engine = replicas_app
     replicas = replica_set(engine)
     victim = replicas.replicas[0]
@@ -260,16 +250,16 @@ def test_a_hung_engine_core_is_taken_out_and_restarted(
         assert replicas_health(handle.url)["healthy"] == 1
         assert victim.url not in [w["url"] for w in replicas.router.workers()]
         assert ask(handle.url, 1).status_code == 200  # served by the other one meanwhile
-        deadline = time.monotonic() + 60
-        while not victim.restarting and time.monotonic() < deadline:
-            time.sleep(0.2)  # a few more misses, then its process group is replaced
-        assert victim.restarting
-    finally:  # (a no-op once the restart has killed them)
+    finally:
         for proc in engine_core:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.send_signal(signal.SIGCONT)
-    health = wait_until_both_healthy(handle.url)
-    assert health["healthy"] == 2 and health["hung"] == 0 and health["restarts"] == restarts + 1
+    deadline = time.monotonic() + 60
+    while replicas_health(handle.url)["healthy"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    health = replicas_health(handle.url)
+    assert health["healthy"] == 2 and health["hung"] == 0 and health["restarts"] == restarts
+    assert victim.url in [w["url"] for w in replicas.router.workers() if w["is_healthy"]]
 
 
 def test_a_killed_router_is_started_again(replicas_app: tuple[ServerHandle, VLLMEngine]) -> None:

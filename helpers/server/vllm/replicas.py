@@ -12,8 +12,9 @@ core running) and it is started again with exponential backoff; once it answers,
 back. "Answers" means it *generates*: vLLM's ``/health`` says 200 while its engine core is
 hung (SIGSTOP, a deadlock; measured 2026-12-07), so a replica that has produced no token since
 the last look (its ``/metrics`` counter) must finish a 1-token completion within
-``PROBE_TIMEOUT_S``. One that does not is taken out of routing at once and restarted after
-``RESTART_AFTER`` misses in a row. A busy replica whose counter moves is not probed at all.
+``PROBE_TIMEOUT_S``. One that misses ``HUNG_AFTER`` probes in a row is taken out of routing
+and restarted after ``RESTART_AFTER`` misses in a row. A busy replica whose counter moves is not
+probed at all.
 
 The router is supervised too: if it exits or stops answering ``/liveness``, it is started
 again over the replicas that are healthy at that moment (the others join as they recover).
@@ -45,6 +46,9 @@ log = logging.getLogger("dhllm.server.vllm")
 BACKOFF_S = (1.0, 60.0)  # first wait before a restart, and the longest (doubling in between)
 PROBE_TIMEOUT_S = 3.0  # a 1-token completion on an idle replica took well under this here
 PROBE_EVERY_S = 3.0  # an idle replica proven to generate is probed again after this long
+# Misses in a row before a replica that answers /health but not a probe is taken out of routing.
+# Not one: on a loaded 2-core machine (CI) a healthy idle replica once missed a single 3 s probe.
+HUNG_AFTER = 2
 RESTART_AFTER = 4  # misses in a row before a replica whose process still runs is restarted
 ROUTER_MISSES = 3  # /liveness misses in a row before the router counts as hung
 # vLLM's Prometheus counter of generated tokens: moving means the engine generates.
@@ -252,7 +256,7 @@ class ReplicaSet:
         ok = self._answers(replica)
         generates = ok and self._generates(replica)
         replica.misses = 0 if generates else replica.misses + 1
-        if ok and not generates:  # up, but its engine does not generate: out at once
+        if ok and not generates and replica.misses >= HUNG_AFTER:  # up, but not generating
             if not replica.hung:
                 log.warning("vLLM replica %s answers /health but generates nothing (hung "
                             "engine?); taking it out of routing", replica.url)
