@@ -70,7 +70,7 @@ class BatchingEngine(Engine):
         prefix_cache = (PrefixCache(int(settings.prefix_cache_mb * 2**20))
                         if settings.prefix_cache_mb > 0 and reusable(model.config) else None)
         self.kv = KVManager(prefix_cache, self._count)
-        self.runner = ModelRunner(model, settings.max_batch_size)
+        self.runner = ModelRunner(model, settings.max_batch_size, pack=settings.cpu_packed_linear)
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False

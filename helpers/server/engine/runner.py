@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from helpers.models.cpu_linear import pack_cpu_linears
 from helpers.server.engine.kv_manager import Prefilling, RunningBatch
 from helpers.server.engine.rows import Row
 from helpers.server.engine.sampling import BatchSampler
@@ -18,8 +19,10 @@ from helpers.server.engine.sampling import BatchSampler
 class ModelRunner:
     """Runs one causal LM on the tensors the KV manager keeps."""
 
-    def __init__(self, model: Any, slots: int = 1) -> None:
+    def __init__(self, model: Any, slots: int = 1, pack: bool = False) -> None:
         self.model = model
+        if pack:  # float32 on a CPU: oneDNN on packed weights (a no-op elsewhere)
+            pack_cpu_linears(model)
         head = model.get_output_embeddings()  # its width is the logits' width
         vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
         self.sampler = BatchSampler(max(1, slots), vocab, model.device)

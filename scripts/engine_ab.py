@@ -1,0 +1,56 @@
+"""The builtin engine with and without packed oneDNN linears, and bare vLLM CPU, A B C A B C.
+
+``python scripts/engine_ab.py [ROUNDS]``: each server in its own process answers 1 and 8 clients
+of 48 tokens at temperature 0.7, and 8 clients with the chapter's sampling, with the bench's own
+``run_load``; prints each round, then tokens/s over all rounds. Run it under the heavy lock on a
+shared machine; vLLM's compile cache should be warm (a first ``dhllm bench --peers vllm``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import requests
+
+from helpers.bench import CHAPTER_SAMPLING
+from helpers.bench.load import run_load
+from helpers.bench.peers import PeerRequest, VLLMPeer, dhllm_process
+from helpers.embedded import embedded_model_dir
+
+TOKENS = 48
+LOADS = (("1", 1, None), ("8", 8, None), ("8 chapter", 8, CHAPTER_SAMPLING))
+
+
+def servers(req: PeerRequest) -> dict:
+    """How to start each server under comparison."""
+    return {
+        "dhllm packed": lambda: dhllm_process(req),
+        "dhllm MKL": lambda: dhllm_process(req, env={"DHLLM_CPU_PACKED_LINEAR": "0"}),
+        "vLLM": lambda: VLLMPeer(req),
+    }
+
+
+def main(rounds: int) -> None:
+    """Interleaved rounds; the merged tokens/s per server and load."""
+    req = PeerRequest("embedded", str(embedded_model_dir()), "embedded", TOKENS)
+    totals: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for rnd in range(rounds):
+        for name, start in servers(req).items():
+            handle = start().wait(600)
+            try:
+                model = requests.get(handle.url + "/v1/models", timeout=10).json()["data"][0]["id"]
+                run_load(handle.url, 8, 1, 8, 0.7, model)  # warm-up
+                for label, clients, sampling in LOADS:
+                    r = run_load(handle.url, clients, 1, TOKENS, 0.7, model, sampling=sampling)
+                    totals.setdefault(name, {}).setdefault(label, []).append((r.tokens, r.seconds))
+                    print(f"round {rnd + 1} {name:13s} {label:9s}: {r.tokens_per_s:6.1f} tok/s, "
+                          f"errors {r.errors}", flush=True)
+            finally:
+                handle.stop()
+    for name, by_load in totals.items():
+        print(name, {k: round(sum(t for t, _ in v) / sum(s for _, s in v), 1)
+                     for k, v in by_load.items()})
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
