@@ -44,7 +44,9 @@ from helpers.server.vllm.venv import VLLMError
 
 log = logging.getLogger("dhllm.server.vllm")
 BACKOFF_S = (1.0, 60.0)  # first wait before a restart, and the longest (doubling in between)
-PROBE_TIMEOUT_S = 3.0  # a 1-token completion on an idle replica took well under this here
+# A 1-token completion on an idle replica takes well under this here. Two misses in a row (each
+# check is ~1 s apart) put a hung replica out ~7-8 s after it stops, within issue 24's 10 s.
+PROBE_TIMEOUT_S = 2.5
 PROBE_EVERY_S = 3.0  # an idle replica proven to generate is probed again after this long
 # Misses in a row before a replica that answers /health but not a probe is taken out of routing.
 # Not one: on a loaded 2-core machine (CI) a healthy idle replica once missed a single 3 s probe.
