@@ -264,3 +264,18 @@ def test_a_server_that_stops_mid_request_answers_503(upstream: FlakyReplica) -> 
     assert isinstance(outcome, BaseException), f"an answer of {outcome!r}, not an error"
     error = map_exception(outcome)
     assert error.status == 503 and "stopping" in error.message
+
+
+def test_a_stream_cut_then_refused_gets_every_token_it_may_still_have(
+        behind_router: tuple[ServerHandle, VLLMEngine], upstream: FlakyReplica) -> None:
+    """Cut after 3 tokens, then a 503 while the router has no healthy replica (a router
+    restarting): the next continuation may still have 16 - 3 tokens, not 16 - 3 - 3 (4 of 8
+    streams ended short of their length when the router was killed, fault bench 2026-12-07)."""
+    handle, engine = behind_router
+    upstream.plan.extend(["cut", "503"])
+    before = len(upstream.bodies)
+    text, events = stream_events(handle.url)
+    assert text == ANSWER and events[-1] == "data: [DONE]", events
+    _, refused, last = upstream.bodies[before:]
+    assert refused["max_tokens"] == last["max_tokens"] == 16 - 3
+    assert last["prompt"] == [*PROMPT_IDS, 0, 1, 2]
