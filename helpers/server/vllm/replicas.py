@@ -44,8 +44,8 @@ from helpers.server.vllm.venv import VLLMError
 
 log = logging.getLogger("dhllm.server.vllm")
 BACKOFF_S = (1.0, 60.0)  # first wait before a restart, and the longest (doubling in between)
-# A 1-token completion on an idle replica takes well under this here. Two misses in a row (each
-# check is ~1 s apart) put a hung replica out ~7-8 s after it stops, within issue 24's 10 s.
+# A 1-token completion on an idle replica takes well under this here. Two misses in a row (the
+# second probe right after the first) put a hung replica out within issue 24's 10 s of stopping.
 PROBE_TIMEOUT_S = 2.5
 PROBE_EVERY_S = 3.0  # an idle replica proven to generate is probed again after this long
 # Misses in a row before a replica that answers /health but not a probe is taken out of routing.
@@ -226,8 +226,12 @@ class ReplicaSet:
     # -- supervision ------------------------------------------------------------------------
 
     def _supervise(self) -> None:
-        while not self._stop.wait(self.check_s):
+        wait = self.check_s
+        while not self._stop.wait(wait):
             self._supervise_once()
+            # A first missed probe is checked again at once: a hung replica is out ~2.5 s later.
+            suspect = any(r.misses == 1 and not r.hung for r in self.replicas)
+            wait = 0.0 if suspect else self.check_s
 
     def _supervise_once(self) -> None:
         """One round: the router, then each replica."""
