@@ -2,12 +2,14 @@
 
 ``python scripts/engine_ab.py [ROUNDS]``: each server in its own process answers 1 and 8 clients
 of 48 tokens at temperature 0.7, and 8 clients with the chapter's sampling, with the bench's own
-``run_load``; prints each round, then tokens/s over all rounds. Run it under the heavy lock on a
-shared machine; vLLM's compile cache should be warm (a first ``dhllm bench --peers vllm``).
+``run_load``; prints each round, then tokens/s over all rounds. ``OLD=/another/checkout`` adds
+that checkout's engine as a fourth server. Run it under the heavy lock on a shared machine;
+vLLM's compile cache should be warm (a first ``dhllm bench --peers vllm``).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import requests
@@ -23,11 +25,14 @@ LOADS = (("1", 1, None), ("8", 8, None), ("8 chapter", 8, CHAPTER_SAMPLING))
 
 def servers(req: PeerRequest) -> dict:
     """How to start each server under comparison."""
-    return {
+    found = {
         "dhllm packed": lambda: dhllm_process(req),
         "dhllm MKL": lambda: dhllm_process(req, env={"DHLLM_CPU_PACKED_LINEAR": "0"}),
         "vLLM": lambda: VLLMPeer(req),
     }
+    if os.environ.get("OLD"):
+        found["dhllm OLD"] = lambda: dhllm_process(req, env={"PYTHONPATH": os.environ["OLD"]})
+    return found
 
 
 def main(rounds: int) -> None:
