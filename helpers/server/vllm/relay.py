@@ -193,6 +193,7 @@ class VLLMEngine(Engine):
         sent = _Sent()
         if self.retries and not stream.buffered:
             body = {**body, "return_token_ids": True}  # what a continuation needs
+        asked = body  # the client's request: every continuation counts its tokens from it
         for attempt in range(self.retries + 1):
             pieces: list[str] = []
 
@@ -210,7 +211,7 @@ class VLLMEngine(Engine):
                         or not _replica_failure(exc)):
                     raise
                 if sent.text:
-                    continued = sent.continuation(body)
+                    continued = sent.continuation(asked)
                     if continued is None:
                         raise  # no token ids to go on from: the text cannot be taken back
                     endpoint, body = "/completions", continued
@@ -297,23 +298,21 @@ class _Sent:
         self.prompt_ids: list[int] | None = None  # the first attempt's prompt, as vLLM saw it
         self.continued = False
         self.token_ids: list[int] = []  # every token delivered so far, all attempts
-        self.max_tokens: int | None = None  # what the client asked for, all attempts together
 
     def prompt(self, ids: list[int] | None) -> None:
         if ids and self.prompt_ids is None:
             self.prompt_ids = list(ids)
 
-    def continuation(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        """The body that goes on from here: prompt and delivered ids, the tokens left."""
+    def continuation(self, asked: dict[str, Any]) -> dict[str, Any] | None:
+        """The body that goes on from here: prompt and delivered ids, the tokens left of what
+        the client ``asked`` for (its own body, never an earlier continuation's)."""
         if self.prompt_ids is None:
             return None
-        if not self.continued:  # ``body`` is the client's: later ones are continuations
-            self.max_tokens = body.get("max_tokens")
-        left = self.max_tokens - len(self.token_ids) if self.max_tokens else None
+        left = asked["max_tokens"] - len(self.token_ids) if asked.get("max_tokens") else None
         if left is not None and left <= 0:
             return None
         self.continued = True
-        original = {k: v for k, v in body.items() if k not in ("messages", "prompt")}
+        original = {k: v for k, v in asked.items() if k not in ("messages", "prompt")}
         continued = {**original, "prompt": self.prompt_ids + self.token_ids,
                      "return_token_ids": True}
         if left is not None:

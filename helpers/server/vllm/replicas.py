@@ -57,6 +57,12 @@ ROUTER_MISSES = 3  # /liveness misses in a row before the router counts as hung
 _TOKENS_METRIC = re.compile(r"^vllm:generation_tokens_total(?:\{[^}]*\})? ([0-9.eE+]+)$", re.M)
 
 
+def _backoff_s(failed_starts: int) -> float:
+    """Seconds to wait before the next start after ``failed_starts`` failures in a row."""
+    first, longest = BACKOFF_S
+    return min(longest, first * 2 ** failed_starts)
+
+
 @dataclass
 class Replica:
     """One vLLM server: where it answers and, when we started it, its process."""
@@ -316,8 +322,7 @@ class ReplicaSet:
 
     @staticmethod
     def _backoff(replica: Replica) -> float:
-        first, longest = BACKOFF_S
-        return min(longest, first * 2 ** replica.failed_starts)
+        return _backoff_s(replica.failed_starts)
 
     def _route(self, replica: Replica, on: bool) -> None:
         """Add or remove ``replica`` in the router; the router's health checks back this up."""
@@ -368,9 +373,7 @@ class ReplicaSet:
             router.start(timeout=30)
         except Exception as exc:  # noqa: BLE001 - logged; tried again after a backoff
             self._router_failed_starts += 1
-            first, longest = BACKOFF_S
-            self._router_restart_at = time.monotonic() + min(
-                longest, first * 2 ** self._router_failed_starts)
+            self._router_restart_at = time.monotonic() + _backoff_s(self._router_failed_starts)
             self.router_state = "down"
             log.warning("restarting vllm-router failed: %s", str(exc)[:300])
             return
