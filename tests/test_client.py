@@ -66,8 +66,6 @@ def _bash_args(command: str) -> list[str]:
     return shlex.split(command)
 
 
-
-
 def _powershell_body(command: str) -> str:
     import re
 

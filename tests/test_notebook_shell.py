@@ -95,8 +95,6 @@ def body_sent(command: str, tmp_path: Path, windows: bool) -> dict | None:
     return None
 
 
-
-
 CELLS = [(path.name, i, cell) for path in NOTEBOOKS for i, cell in enumerate(shell_cells(path))]
 
 
