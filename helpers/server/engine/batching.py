@@ -23,6 +23,7 @@ from typing import Any
 
 from helpers.chat import GenerationParams, Message, TokenBatchable
 from helpers.config import Settings, get_settings
+from helpers.models.cpu_threads import release_openmp_threads
 from helpers.server.engine.base import Engine, EngineStoppedError, Finish, Stream
 from helpers.server.engine.kv import kv_bytes_per_token
 from helpers.server.engine.kv_manager import KVManager, Prefilling
@@ -71,6 +72,7 @@ class BatchingEngine(Engine):
                         if settings.prefix_cache_mb > 0 and reusable(model.config) else None)
         self.kv = KVManager(prefix_cache, self._count)
         self.runner = ModelRunner(model, settings.max_batch_size, pack=settings.cpu_packed_linear)
+        release_openmp_threads()  # loading and packing left this thread a team: see cpu_threads
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -93,6 +95,7 @@ class BatchingEngine(Engine):
             old.join(timeout)  # a stop() that timed out: its worker may still be in a step
             if old.is_alive():
                 raise EngineStoppedError("the previous worker is still stopping; try again soon")
+        release_openmp_threads()  # the model runs in the worker's team only from here
         with self._lock:
             self._stopping, self._failure = False, None
             self._thread = threading.Thread(target=self._loop, name="dhllm-engine", daemon=True)
