@@ -1,10 +1,11 @@
-"""The builtin engine with and without packed oneDNN linears, and bare vLLM CPU, A B C A B C.
+"""The builtin engine against bare vLLM CPU, in turns (A B A B).
 
 ``python scripts/engine_ab.py [ROUNDS]``: each server in its own process answers 1 and 8 clients
 of 48 tokens at temperature 0.7, and 8 clients with the chapter's sampling, with the bench's own
 ``run_load``; prints each round, then tokens/s over all rounds. ``OLD=/another/checkout`` adds
-that checkout's engine as a fourth server. Run it under the heavy lock on a shared machine;
-vLLM's compile cache should be warm (a first ``dhllm bench --peers vllm``).
+that checkout's engine as a server, ``MKL=1`` this engine without packed oneDNN linears. Run it
+under the heavy lock on a shared machine; vLLM's compile cache should be warm (a first
+``dhllm bench --peers vllm``).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ LOADS = (("1", 1, None), ("8", 8, None), ("8 chapter", 8, CHAPTER_SAMPLING))
 def servers(req: PeerRequest) -> dict:
     """How to start each server under comparison."""
     found = {
-        "dhllm packed": lambda: dhllm_process(req),
-        "dhllm MKL": lambda: dhllm_process(req, env={"DHLLM_CPU_PACKED_LINEAR": "0"}),
+        "dhllm": lambda: dhllm_process(req),
         "vLLM": lambda: VLLMPeer(req),
     }
+    if os.environ.get("MKL"):
+        found["dhllm MKL"] = lambda: dhllm_process(req, env={"DHLLM_CPU_PACKED_LINEAR": "0"})
     if os.environ.get("OLD"):
         found["dhllm OLD"] = lambda: dhllm_process(req, env={"PYTHONPATH": os.environ["OLD"]})
     return found
