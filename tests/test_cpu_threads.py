@@ -7,31 +7,35 @@ are counted in /proc (Linux): the speed this buys is the benchmark's to show (do
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from helpers.models.cpu_threads import _openmp_runtime
 
+CPUS = os.cpu_count() or 1
 pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or torch.get_num_threads() < 2 or not _openmp_runtime(),
-    reason="needs Linux's /proc, two or more CPU threads and an OpenMP runtime with pause")
+    not sys.platform.startswith("linux") or CPUS < 2 or not _openmp_runtime(),
+    reason="needs Linux's /proc, two or more CPUs and an OpenMP runtime with pause")
 
 COUNT = "import os\ndef threads(): return len(os.listdir('/proc/self/task'))\n"
 
 
 def run(code: str, *args: str) -> list[str]:
+    # pytest-xdist's workers run with OMP_NUM_THREADS=1: one thread has no team to free.
+    env = {**os.environ, "OMP_NUM_THREADS": str(CPUS)}
     done = subprocess.run([sys.executable, "-c", COUNT + code, *args], capture_output=True,
-                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+                          env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.split()
 
 
 def test_the_team_is_freed_and_comes_back_when_needed() -> None:
-    team, freed, freed_again, back, total = run(
+    team, freed, freed_again, back, total, threads = run(
         "import torch\n"
         "from helpers.models.cpu_threads import release_openmp_threads\n"
         "x = torch.ones(1 << 22)\n"
@@ -42,8 +46,8 @@ def test_the_team_is_freed_and_comes_back_when_needed() -> None:
         "release_openmp_threads()\n"  # nothing left: a no-op
         "freed_again = threads()\n"
         "total = int((x + 1).sum())\n"
-        "print(team, freed, freed_again, threads(), total)\n")
-    helpers = torch.get_num_threads() - 1
+        "print(team, freed, freed_again, threads(), total, torch.get_num_threads())\n")
+    helpers = int(threads) - 1
     assert int(freed) == int(team) - helpers
     assert int(freed_again) == int(freed)
     assert int(back) == int(team)
