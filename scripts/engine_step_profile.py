@@ -42,8 +42,8 @@ def main() -> None:
     runner.decode = timed("decode step", runner.decode)  # type: ignore[method-assign]
     km.RunningBatch.decode_inputs = timed("decode inputs", km.RunningBatch.decode_inputs)  # type: ignore[method-assign]
     engine._emit_and_prune = timed("emit, detokenize, prune", engine._emit_and_prune)  # type: ignore[method-assign]
-    km.merge_rows = timed("join copy (merge_rows)", km.merge_rows)
-    km.keep_rows = timed("leave copy (keep_rows)", km.keep_rows)
+    km.SlotKV.join = timed("join (SlotKV.join)", km.SlotKV.join)  # type: ignore[method-assign]
+    km.SlotKV.keep = timed("leave (SlotKV.keep)", km.SlotKV.keep)  # type: ignore[method-assign]
     engine._step = timed("whole step", engine._step)  # type: ignore[method-assign]
     engine.start()
     runs = {"plain": GenerationParams(max_new_tokens=48, temperature=0.7),

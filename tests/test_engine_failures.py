@@ -19,6 +19,7 @@ from helpers.chat import GenerationParams, TransformersChat
 from helpers.server.engine import BatchingEngine, EngineStoppedError, Stream
 from helpers.server.engine import batching as batching_module
 from helpers.server.engine import kv_manager as kv_manager_module
+from helpers.server.engine.kv_slots import SlotKV
 from helpers.server.engine.prefill import PrefillGroup
 from helpers.server.engine.prefix_cache import PrefixCache
 
@@ -121,14 +122,21 @@ def serves_next(engine: BatchingEngine, solo: dict[str, str]) -> None:
 
 
 def test_a_failed_join_ends_the_joining_streams_only(engine, solo, monkeypatch):
-    merge = raise_once(kv_manager_module.merge_rows)
-    monkeypatch.setattr(kv_manager_module, "merge_rows", merge)
+    real, calls = SlotKV.join, []
+
+    def join(slots: SlotKV, *args: Any, **kwargs: Any) -> Any:
+        if slots.rows and not calls:  # the first join beside running rows: the newcomer's
+            calls.append(1)
+            raise Boom("injected failure")
+        return real(slots, *args, **kwargs)
+
+    monkeypatch.setattr(SlotKV, "join", join)
     runner = running(engine)
     newcomer = engine.submit(user(LONG_PROMPT), GREEDY)
     _, error = collect(newcomer)
     assert isinstance(error, Boom) and newcomer.finish.reason == "error"
     assert runner.rest() == solo["runner"]
-    assert merge.calls and engine.stats.errors == 1
+    assert calls and engine.stats.errors == 1
     serves_next(engine, solo)
 
 

@@ -11,7 +11,8 @@ from transformers import DynamicCache
 
 from helpers.chat import GenerationParams
 from helpers.server.engine.base import QueueFullError, Stream
-from helpers.server.engine.kv import keep_rows, kv_bytes_per_token, kv_tensors, merge_rows, row_kv
+from helpers.server.engine.kv import keep_rows, kv_bytes_per_token, kv_tensors, row_kv
+from helpers.server.engine.kv_slots import SlotKV
 from helpers.server.engine.prefill import PrefillGroup
 from helpers.server.engine.prefix_cache import PrefixCache
 from helpers.server.engine.runner import ModelRunner
@@ -101,19 +102,69 @@ def real_kv(cache: DynamicCache, mask: torch.Tensor, i: int) -> torch.Tensor:
                         for layer in cache.layers])
 
 
-def test_merge_keep_and_row_kv_match_rows_aligned_by_hand():
-    a, b = [[1, 2, 3], [4, 5]], [[6, 7, 8, 9, 10], [11]]
-    cache, mask = batch(a)
-    merged, merged_mask = merge_rows(cache, mask, *batch(b))
-    assert merged_mask.shape == (4, 5)
-    for i, ids in enumerate(a + b):
-        assert torch.equal(real_kv(merged, merged_mask, i), token_kv(ids))
-        assert torch.equal(row_kv(kv_tensors(merged), merged_mask[i], i, 1, len(ids)),
-                           token_kv(ids)[:, :, :, 1:])
-    kept = keep_rows(merged, merged_mask, [1, 3])  # rows [4, 5] and [11]: 3 dead columns go
-    assert kept.shape == (2, 2) and merged.layers[0].keys.shape[2] == 2
-    assert torch.equal(real_kv(merged, kept, 0), token_kv([4, 5]))
-    assert torch.equal(real_kv(merged, kept, 1), token_kv([11]))
+def slot_rows(slots: SlotKV, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Each row of the slots' live KV over its unmasked columns (``real_kv`` of its layers)."""
+    return [real_kv(slots.cache, mask, i) for i in range(slots.rows)]
+
+
+def test_slots_join_and_leave_move_only_the_rows_concerned():
+    a, b, c = [[1, 2, 3], [4, 5]], [[6, 7, 8, 9, 10], [11]], [[12]]
+    first = batch(a)
+    slots = SlotKV.for_group(first[0], 3, future=40)
+    mask = slots.join(*first, None, future=40)
+    assert [r.tolist() for r in mask] == [[1, 1, 1], [0, 1, 1]]
+    mask = slots.join(*batch(b), mask, future=40)  # wider and more rows: one move, then in place
+    assert mask.shape == (4, 5) and slots.rows == 4
+    for got, ids in zip(slot_rows(slots, mask), a + b, strict=True):
+        assert torch.equal(got, token_kv(ids))
+    assert torch.equal(row_kv(kv_tensors(slots.cache), mask[2], 2, 1, 5),
+                       token_kv(b[0])[:, :, :, 1:])
+    buffers = [t.data_ptr() for t in slots.keys + slots.values]
+    order, mask = slots.keep([1, 3], mask)  # rows [4, 5] and [11]: 3 dead columns go
+    assert order == [3, 1] and mask.shape == (2, 2) and slots.width == 2
+    assert [r.tolist() for r in mask] == [[0, 1], [1, 1]]
+    assert torch.equal(real_kv(slots.cache, mask, 0), token_kv([11]))
+    assert torch.equal(real_kv(slots.cache, mask, 1), token_kv([4, 5]))
+    mask = slots.join(*batch(c), mask, future=40)  # into a freed slot: no new buffer
+    assert [t.data_ptr() for t in slots.keys + slots.values] == buffers
+    assert [r.tolist() for r in mask] == [[0, 1], [1, 1], [0, 1]]
+    assert torch.equal(real_kv(slots.cache, mask, 2), token_kv([12]))
+
+
+def test_keep_rows_drops_a_groups_ended_rows_and_dead_columns():
+    cache, mask = batch([[1, 2, 3], [4, 5], [6]])
+    kept = keep_rows(cache, mask, [1, 2])  # rows [4, 5] and [6]: 1 dead column goes
+    assert kept.tolist() == [[1, 1], [0, 1]] and cache.layers[0].keys.shape[2] == 2
+    assert torch.equal(real_kv(cache, kept, 0), token_kv([4, 5]))
+    assert torch.equal(real_kv(cache, kept, 1), token_kv([6]))
+
+
+def test_slots_grow_in_place_and_move_when_full():
+    cache, mask = batch([[1, 2], [3]])
+    slots = SlotKV.for_group(cache, 2, future=3)
+    mask = slots.join(cache, mask, None, future=3)
+    assert slots.columns == 2 + 3  # room for the rows' 3 more tokens, no more
+    buffers = [t.data_ptr() for t in slots.keys]
+    for step in range(5):
+        slots.make_room(1, future=3 - step)
+        new = token_kv([50 + step])[:, :, :, :]  # the same token in both rows
+        for n, layer in enumerate(slots.cache.layers):
+            keys, values = layer.update(new[n, 0].expand(2, -1, -1, -1),
+                                        new[n, 1].expand(2, -1, -1, -1), {})
+            assert keys.shape[2] == slots.width + 1
+        slots.advance(1)
+        mask = torch.cat([mask, mask.new_ones((2, 1))], dim=1)
+        moved = [t.data_ptr() for t in slots.keys] != buffers
+        assert moved == (step >= 3)  # the reserved room lasts 3 steps; the 4th moves once
+    tail = [50 + s for s in range(5)]
+    assert torch.equal(real_kv(slots.cache, mask, 0)[:, :, :, :2], token_kv([1, 2]))
+    assert torch.equal(real_kv(slots.cache, mask, 1)[:, :, :, 0], token_kv([3])[:, :, :, 0])
+    for t, token in enumerate(tail):
+        assert torch.equal(real_kv(slots.cache, mask, 0)[:, :, :, 2 + t],
+                           token_kv([token])[:, :, :, 0])
+        assert torch.equal(real_kv(slots.cache, mask, 1)[:, :, :, 1 + t],
+                           token_kv([token])[:, :, :, 0])
+    assert slots.cache.get_seq_length() == slots.width == 7
 
 
 def test_row_kv_skips_a_gap_in_the_middle():

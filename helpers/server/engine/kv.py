@@ -1,43 +1,14 @@
-"""KV-cache surgery on a batch whose rows are aligned by a 2-D attention mask.
+"""KV-cache surgery on rows aligned by a 2-D attention mask (a prefill group's ``DynamicCache``).
 
 Each row's tokens are the columns its mask marks, in order; padding (mask 0) may sit on the left
 (rows of different lengths) or in the middle (a cached prefix, then new tokens: see prefill.py).
-``DynamicCache`` keeps one rectangular tensor per layer, so rows joining or leaving are written
-here: transformers offers ``batch_select_indices`` and ``crop`` but nothing that joins two
-batches of different lengths.
+The decode batch keeps its KV in slots (kv_slots.py); these read rows out of either, and drop
+a prefill group's rows that ended at their first token.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-
-def merge_rows(cache: Any, mask: Any, new_cache: Any, new_mask: Any) -> tuple[Any, Any]:
-    """One batch from two: the shorter one is left-padded so both have one length."""
-    from transformers import DynamicCache
-
-    width = max(mask.shape[1], new_mask.shape[1])
-    layers = [(_stack_right(old.keys, new.keys, width), _stack_right(old.values, new.values, width))
-              for old, new in zip(cache.layers, new_cache.layers, strict=True)]
-    return DynamicCache(ddp_cache_data=layers), _stack_right(mask, new_mask, width)
-
-
-def _stack_right(a: Any, b: Any, width: int) -> Any:
-    """``a`` over ``b`` (rows), each right-aligned in ``width`` columns, zeros on the left.
-
-    One allocation and one copy of each part: joining a long prompt's KV onto running rows
-    moves hundreds of MB, and pad-then-cat would move it twice.
-    """
-    dim = 2 if a.dim() == 4 else 1  # KV [rows, heads, columns, dim] or a mask [rows, columns]
-    shape = list(a.shape)
-    shape[0], shape[dim] = a.shape[0] + b.shape[0], width
-    out = a.new_empty(shape)
-    for part, rows in ((a, slice(0, a.shape[0])), (b, slice(a.shape[0], shape[0]))):
-        pad = width - part.shape[dim]
-        target = out[rows]
-        target.narrow(dim, 0, pad).zero_()
-        target.narrow(dim, pad, part.shape[dim]).copy_(part)
-    return out
 
 
 def keep_rows(cache: Any, mask: Any, keep: list[int]) -> Any:

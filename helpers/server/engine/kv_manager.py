@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from helpers.server.engine.kv import keep_rows, kv_tensors, merge_rows, row_kv
+from helpers.server.engine.kv import keep_rows, kv_tensors, row_kv
+from helpers.server.engine.kv_slots import SlotKV
 from helpers.server.engine.prefill import PrefillGroup
 from helpers.server.engine.prefix_cache import PrefixCache
 from helpers.server.engine.rows import Row
@@ -25,16 +26,27 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunningBatch:
-    """The rows that decode together: their KV cache and the 2-D mask that aligns them."""
+    """The rows that decode together: their KV in slots and the 2-D mask that aligns them."""
 
     rows: list[Row] = field(default_factory=list)
-    cache: Any = None
-    mask: Any = None  # [rows, cache length]
+    kv: SlotKV | None = None
+    mask: Any = None  # [rows, live columns]
+
+    @property
+    def cache(self) -> Any:
+        """The transformers cache the model reads and writes (the slots' layers)."""
+        return self.kv.cache if self.kv is not None else None
+
+    def future(self) -> int:
+        """The most tokens any row may still take: how far its KV may grow."""
+        return max((r.params.max_new_tokens - len(r.tokens) for r in self.rows), default=0)
 
     def decode_inputs(self, device: Any) -> tuple[Any, Any, Any]:
-        """A decode step's input ids, position ids and mask (one new column per row)."""
+        """A decode step's input ids, position ids and mask (one new column per row, for which
+        the slots make room)."""
         import torch
 
+        self.kv.make_room(1, self.future())
         input_ids = torch.tensor([[r.next_token] for r in self.rows], device=device)
         positions = torch.tensor([[r.position] for r in self.rows], device=device)
         mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
@@ -171,16 +183,17 @@ class KVManager:
         if keep and len(keep) < len(rows):
             mask = keep_rows(cache, mask, keep)
         joining = [rows[i] for i in keep]
-        if joining and not self.running.rows:
-            self.running = RunningBatch(joining, cache, mask)
-        elif joining:  # builds new tensors: if it fails, the running batch is untouched
-            new_cache, new_mask = merge_rows(self.running.cache, self.running.mask, cache, mask)
-            self.running = RunningBatch(self.running.rows + joining, new_cache, new_mask)
+        if joining:  # only free slots are written: if it fails, the running rows are untouched
+            batch = RunningBatch(self.running.rows + joining)
+            kv = self.running.kv or SlotKV.for_group(cache, mask.shape[1], batch.future())
+            batch.kv, batch.mask = kv, kv.join(cache, mask, self.running.mask, batch.future())
+            self.running = batch
         self.to_store += blocks
 
     def advance(self, mask: Any) -> None:
         """A decode step ran: every row's KV holds one more token, covered by ``mask``."""
         self.running.mask = mask
+        self.running.kv.advance(1)
         for r in self.running.rows:
             r.position += 1
 
@@ -204,8 +217,8 @@ class KVManager:
         if not indices:
             self.running = RunningBatch()
             return
-        mask = keep_rows(batch.cache, batch.mask, indices)
-        self.running = RunningBatch([batch.rows[i] for i in indices], batch.cache, mask)
+        order, mask = batch.kv.keep(indices, batch.mask)
+        self.running = RunningBatch([batch.rows[i] for i in order], batch.kv, mask)
 
     # The prefix cache.
 
