@@ -55,6 +55,7 @@ def test_rows_joining_a_running_batch_get_their_solo_output(engine):
     first = engine.submit(user(PROMPTS[2]), long)
     pieces = iter(first)
     head = [next(pieces) for _ in range(5)]  # the first row is mid-flight now
+    assert 0 < engine.stats.kv_slot_tokens <= engine.kv_budget_tokens  # its slots, in budget
     joined = [engine.submit(user(p), GREEDY) for p in PROMPTS[:2]]
     assert ["".join(s) for s in joined] == solo
     assert "".join(head) + "".join(pieces) == solo_long

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 from helpers.chat import GenerationParams
 from helpers.server.engine.base import QueueFullError, Stream
 from helpers.server.engine.kv import keep_rows, kv_bytes_per_token, kv_tensors, row_kv
-from helpers.server.engine.kv_slots import SlotKV
+from helpers.server.engine.kv_slots import SlotKV, SlotLimits
 from helpers.server.engine.prefill import PrefillGroup
 from helpers.server.engine.prefix_cache import PrefixCache
 from helpers.server.engine.runner import ModelRunner
@@ -110,10 +110,11 @@ def slot_rows(slots: SlotKV, mask: torch.Tensor) -> list[torch.Tensor]:
 def test_slots_join_and_leave_move_only_the_rows_concerned():
     a, b, c = [[1, 2, 3], [4, 5]], [[6, 7, 8, 9, 10], [11]], [[12]]
     first = batch(a)
-    slots = SlotKV.for_group(first[0], 3, future=40)
+    slots = SlotKV.for_group(first[0], 3, future=40, limits=SlotLimits(5, 10**6))
+    assert slots.slots == 5  # as many as the budget holds, up to the row cap
     mask = slots.join(*first, None, future=40)
     assert [r.tolist() for r in mask] == [[1, 1, 1], [0, 1, 1]]
-    mask = slots.join(*batch(b), mask, future=40)  # wider and more rows: one move, then in place
+    mask = slots.join(*batch(b), mask, future=40)  # wider than the room on the left: one move
     assert mask.shape == (4, 5) and slots.rows == 4
     for got, ids in zip(slot_rows(slots, mask), a + b, strict=True):
         assert torch.equal(got, token_kv(ids))
@@ -131,6 +132,12 @@ def test_slots_join_and_leave_move_only_the_rows_concerned():
     assert torch.equal(real_kv(slots.cache, mask, 2), token_kv([12]))
 
 
+def test_slots_stay_within_the_kv_budget_beyond_the_rows_needed():
+    assert SlotLimits(8, 100).slots(2, 30) == 3  # 3 x 30 tokens fit in 100
+    assert SlotLimits(8, 100).slots(5, 30) == 5  # rows already admitted are never refused
+    assert SlotLimits(4, 10**6).slots(1, 30) == 4  # the row cap
+
+
 def test_keep_rows_drops_a_groups_ended_rows_and_dead_columns():
     cache, mask = batch([[1, 2, 3], [4, 5], [6]])
     kept = keep_rows(cache, mask, [1, 2])  # rows [4, 5] and [6]: 1 dead column goes
@@ -141,7 +148,7 @@ def test_keep_rows_drops_a_groups_ended_rows_and_dead_columns():
 
 def test_slots_grow_in_place_and_move_when_full():
     cache, mask = batch([[1, 2], [3]])
-    slots = SlotKV.for_group(cache, 2, future=3)
+    slots = SlotKV.for_group(cache, 2, future=3, limits=SlotLimits(2, 10))
     mask = slots.join(cache, mask, None, future=3)
     assert slots.columns == 2 + 3  # room for the rows' 3 more tokens, no more
     buffers = [t.data_ptr() for t in slots.keys]

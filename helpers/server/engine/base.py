@@ -140,6 +140,7 @@ class EngineStats:
     running: int = 0  # rows in the decode batch
     prefilling: int = 0  # rows admitted, their prompt still being prefilled
     waiting: int = 0
+    kv_slot_tokens: int = 0  # token places the decode batch's KV slots hold (within the budget)
     # Prefix (KV) cache.
     cache_hits: int = 0  # requests that reused at least one cached block
     cached_tokens: int = 0  # prompt tokens not recomputed, summed over requests

@@ -27,6 +27,7 @@ from helpers.models.cpu_threads import release_openmp_threads
 from helpers.server.engine.base import Engine, EngineStoppedError, Finish, Stream
 from helpers.server.engine.kv import kv_bytes_per_token
 from helpers.server.engine.kv_manager import KVManager, Prefilling
+from helpers.server.engine.kv_slots import SlotLimits
 from helpers.server.engine.prefix_cache import PrefixCache, reusable
 from helpers.server.engine.rows import Row
 from helpers.server.engine.runner import ModelRunner
@@ -70,7 +71,8 @@ class BatchingEngine(Engine):
                                    settings.prefill_chunk_tokens, settings.max_queue)
         prefix_cache = (PrefixCache(int(settings.prefix_cache_mb * 2**20))
                         if settings.prefix_cache_mb > 0 and reusable(model.config) else None)
-        self.kv = KVManager(prefix_cache, self._count)
+        self.kv = KVManager(prefix_cache, self._count,
+                            SlotLimits(settings.max_batch_size, self.kv_budget_tokens))
         self.runner = ModelRunner(model, settings.max_batch_size, pack=settings.cpu_packed_linear)
         release_openmp_threads()  # loading and packing left this thread a team: see cpu_threads
         self._wake = threading.Condition(self._lock)
@@ -341,6 +343,7 @@ class BatchingEngine(Engine):
         with self._lock:
             self.stats.running = len(self.kv.running.rows)
             self.stats.prefilling = self.kv.rows_prefilling()
+            self.stats.kv_slot_tokens = self.kv.slot_tokens()
             if cache is not None:
                 self.stats.cache_bytes, self.stats.cache_blocks = cache.bytes, len(cache)
                 self.stats.cache_evictions = cache.evictions

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from helpers.server.engine.kv import keep_rows, kv_tensors, row_kv
-from helpers.server.engine.kv_slots import SlotKV
+from helpers.server.engine.kv_slots import SlotKV, SlotLimits
 from helpers.server.engine.prefill import PrefillGroup
 from helpers.server.engine.prefix_cache import PrefixCache
 from helpers.server.engine.rows import Row
@@ -85,9 +85,10 @@ class BlocksToStore:
 class KVManager:
     """Owns every KV tensor of the engine; the worker thread is its only caller."""
 
-    def __init__(self, prefix_cache: PrefixCache | None,
-                 count: Callable[[str, int], None]) -> None:
+    def __init__(self, prefix_cache: PrefixCache | None, count: Callable[[str, int], None],
+                 limits: SlotLimits) -> None:
         self.prefix_cache = prefix_cache
+        self.limits = limits  # how many slots the decode batch's buffers may hold
         self._count = count  # the engine's counters
         self.running = RunningBatch()
         self.prefilling: list[Prefilling] = []  # oldest first
@@ -108,6 +109,10 @@ class KVManager:
                                     default=0),
                          prefill_rows=len(prefilling),
                          storing=bool(self.to_store))
+
+    def slot_tokens(self) -> int:
+        """Token places the decode batch's slots hold now, live or free."""
+        return self.running.kv.held_tokens() if self.running.kv is not None else 0
 
     def rows_prefilling(self) -> int:
         """Rows admitted whose prompts are not in the decode batch yet."""
@@ -185,7 +190,8 @@ class KVManager:
         joining = [rows[i] for i in keep]
         if joining:  # only free slots are written: if it fails, the running rows are untouched
             batch = RunningBatch(self.running.rows + joining)
-            kv = self.running.kv or SlotKV.for_group(cache, mask.shape[1], batch.future())
+            kv = self.running.kv or SlotKV.for_group(cache, mask.shape[1], batch.future(),
+                                                     self.limits)
             batch.kv, batch.mask = kv, kv.join(cache, mask, self.running.mask, batch.future())
             self.running = batch
         self.to_store += blocks

@@ -9,8 +9,9 @@ dim]`` with room to grow, and the batch is its first ``rows`` slots between colu
 - a decode step writes one column in place (``SlotLayer.update``);
 - a join writes its rows into the next free slots, right-aligned at ``end``;
 - a leave moves the last rows into the freed slots, and dead columns only move ``start``;
-- only when the buffer is full does it move to a larger one (one copy of the live part, with
-  room for the rows' next tokens, so that it is rare).
+- only when the buffer is full does it move to a larger one: one copy of the live part, with
+  room for the rows' next tokens and as many slots as the KV budget holds at that width (so
+  that later joins find free slots), which makes moves rare.
 
 transformers' own ``StaticCache`` gives every row the same length and position, and its paged
 cache belongs to its own continuous-batching loop: neither takes rows that join mid-way with
@@ -21,11 +22,24 @@ come from ``DynamicLayer`` itself, read off the views this class keeps in ``keys
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from transformers.cache_utils import DynamicLayer
 
 MIN_ROOM = 32  # columns of headroom a new buffer gets at least (when the rows may use them)
+
+
+@dataclass(frozen=True)
+class SlotLimits:
+    """How many slots a buffer may hold: the engine's row cap and its KV budget in tokens."""
+
+    max_rows: int
+    budget_tokens: int
+
+    def slots(self, needed: int, columns: int) -> int:
+        """The rows needed now, and more while the budget holds them at this many columns."""
+        return max(needed, min(self.max_rows, self.budget_tokens // max(1, columns)))
 
 
 class SlotLayer(DynamicLayer):
@@ -45,10 +59,12 @@ class SlotLayer(DynamicLayer):
 class SlotKV:
     """Every layer's keys and values of the decode batch, in preallocated slots."""
 
-    def __init__(self, keys: list[Any], values: list[Any], start: int) -> None:
+    def __init__(self, keys: list[Any], values: list[Any], start: int, limits: SlotLimits
+                 ) -> None:
         from transformers import DynamicCache
 
         self.keys, self.values = keys, values  # per layer [slots, heads, columns, dim]
+        self.limits = limits
         self.rows, self.start, self.end = 0, start, start
         self.cache = DynamicCache()
         self.cache.layers = [SlotLayer(self, n) for n in range(len(keys))]
@@ -57,15 +73,13 @@ class SlotKV:
         self._views()
 
     @classmethod
-    def for_group(cls, cache: Any, width: int, future: int) -> SlotKV:
+    def for_group(cls, cache: Any, width: int, future: int, limits: SlotLimits) -> SlotKV:
         """Empty slots for a first group of ``cache``'s rows, ``width`` columns wide."""
-        rows = cache.layers[0].keys.shape[0]
         columns = width + _room(width, 1, future)
-        # Zeros: the masked columns are multiplied by zero weights, and 0 x NaN would be NaN.
-        keys = [layer.keys.new_zeros(_shape(layer.keys, rows, columns)) for layer in cache.layers]
-        values = [layer.values.new_zeros(_shape(layer.values, rows, columns))
-                  for layer in cache.layers]
-        return cls(keys, values, width)
+        slots = limits.slots(cache.layers[0].keys.shape[0], columns)
+        keys = [_zeros(layer.keys, slots, columns) for layer in cache.layers]
+        values = [_zeros(layer.values, slots, columns) for layer in cache.layers]
+        return cls(keys, values, width, limits)
 
     @property
     def slots(self) -> int:
@@ -156,9 +170,10 @@ class SlotKV:
         """Into new buffers of ``slots`` rows, ``width`` columns and room to grow: the live part
         is copied once, right-aligned at the new ``end`` so that narrower rows can join."""
         size = width + _room(width, columns, future)
+        slots = self.limits.slots(slots, size)
         live, rows = self.width, self.rows
-        keys = [k.new_zeros(_shape(k, slots, size)) for k in self.keys]
-        values = [v.new_zeros(_shape(v, slots, size)) for v in self.values]
+        keys = [_zeros(k, slots, size) for k in self.keys]
+        values = [_zeros(v, slots, size) for v in self.values]
         for new, old in zip(keys + values, self.keys + self.values, strict=True):
             new[:rows, :, width - live:width].copy_(old[:rows, :, self.start:self.end])
         self.keys, self.values = keys, values
@@ -177,5 +192,6 @@ def _room(width: int, columns: int, future: int) -> int:
     return columns + min(max(0, future - columns), max(MIN_ROOM, width // 4))
 
 
-def _shape(like: Any, slots: int, columns: int) -> tuple[int, int, int, int]:
-    return (slots, like.shape[1], columns, like.shape[3])
+def _zeros(like: Any, slots: int, columns: int) -> Any:
+    """A zeroed buffer: masked columns meet zero weights in attention, and 0 x NaN is NaN."""
+    return like.new_zeros((slots, like.shape[1], columns, like.shape[3]))

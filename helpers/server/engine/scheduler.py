@@ -3,10 +3,10 @@
 As in vLLM's v1 scheduler, it only decides; it returns a ``StepPlan`` and the engine carries it
 out (``KVManager`` for the cache, ``ModelRunner`` for the model). Memory decides how many rows
 run: every row may grow to its prompt plus its ``max_new_tokens`` (``reserved_tokens``), and the
-batch holds every row as wide as its widest one (one padded rectangle, see kv.py), so newcomers
-are admitted while rows x the widest reservation fit the KV budget (``Settings.kv_cache_mb``;
-a join briefly holds the old batch beside the merged one on top of that),
-up to a hard cap of rows (``Settings.max_batch_size``). A request that does not fit now waits
+slots hold every row as wide as the widest one (rows are right-aligned, see kv_slots.py), so
+newcomers are admitted while rows x the widest reservation fit the KV budget
+(``Settings.kv_cache_mb``; the slots themselves are sized within it, and a move to larger ones
+briefly holds the old beside the new), up to a hard cap of rows (``Settings.max_batch_size``). A request that does not fit now waits
 without blocking smaller ones behind it, until it has been passed over ``PATIENCE`` times.
 """
 
