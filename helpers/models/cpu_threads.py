@@ -3,12 +3,14 @@
 PyTorch's CPU kernels run on OpenMP, and OpenMP keeps one team of helper threads for *each*
 thread that ever ran a parallel kernel. When the model was loaded or run in the main thread, and
 then the engine runs it in its worker thread, the process holds two teams. libgomp (the OpenMP of
-PyTorch's Linux wheels) then counts more threads than CPUs and has its idle threads sleep almost
-at once instead of spinning, so each of the ~1000 kernels of a decode step pays a wake-up.
-Measured 2026-12-07 on this project's 2 cores, one 8-row decode step of the embedded model in a
-worker thread: ~80 ms with one team, 110-180 ms once the main thread had run the model; after
-the main thread called ``omp_pause_resource_all``, 85-94 ms. vLLM does not meet this: its engine
-runs in a process of its own. No library frees another thread's team, hence this.
+PyTorch's Linux wheels) then counts more threads than CPUs, and its idle threads spin 1000 times
+instead of 300000 before they sleep (GCC's libgomp manual, GOMP_SPINCOUNT), so the ~1000
+kernels of a decode step pay wake-ups.
+``scripts/openmp_teams.py`` on this project's 2 cores, 2026-12-07, one 8-row decode step of
+the embedded model in a worker thread after the main thread loaded and packed it (medians of
+three rounds): 136 ms, 137 ms when the main thread had also run the model, 85 ms once the main
+thread called ``omp_pause_resource_all``. vLLM does not meet this: its engine runs in a process
+of its own. No library frees another thread's team, hence this.
 """
 
 from __future__ import annotations
