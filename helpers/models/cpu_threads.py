@@ -3,7 +3,7 @@
 PyTorch's CPU kernels run on OpenMP, and OpenMP keeps one team of helper threads for *each*
 thread that ever ran a parallel kernel. When the model was loaded or run in the main thread, and
 then the engine runs it in its worker thread, the process holds two teams. libgomp (the OpenMP of
-PyTorch's Linux wheels) then counts more threads than CPUs, and its idle threads spin 1000 times
+PyTorch's Linux wheels) then counts more threads than CPUs, and its idle threads spin 100 times
 instead of 300000 before they sleep (GCC's libgomp manual, GOMP_SPINCOUNT), so the ~1000
 kernels of a decode step pay wake-ups.
 ``scripts/openmp_teams.py`` on this project's 2 cores, 2026-12-07, one 8-row decode step of
