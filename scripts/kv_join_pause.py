@@ -33,14 +33,15 @@ def group(rows: int, width: int) -> tuple[DynamicCache, torch.Tensor]:
 
 def pause(running: int, width: int, new_width: int, merge_rows: object) -> None:
     """One newcomer joins ``running`` rows: the old copy's time and the slots' time."""
-    cache, mask = group(running, width)
+    cache, mask = group(running, width)  # what the old engine copies
     new_cache, new_mask = group(1, new_width)
     started = time.perf_counter()
     merge_rows(cache, mask, new_cache, new_mask)  # type: ignore[operator]
     old = time.perf_counter() - started
-    # Slots with room for one more row, as after a row has left (or within the budget).
-    slots = SlotKV.for_group(cache, width, 256, SlotLimits(running + 1, 10**9))
-    batch_mask = slots.join(cache, mask, None, 256)
+    # One row more than running, then it leaves: the newcomer finds its slot free.
+    first, first_mask = group(running + 1, width)
+    slots = SlotKV.for_group(first, width, 256, SlotLimits(64, 10**9))
+    _, batch_mask = slots.keep(list(range(running)), slots.join(first, first_mask, None, 256))
     started = time.perf_counter()
     slots.join(new_cache, new_mask, batch_mask, 256)
     new = time.perf_counter() - started

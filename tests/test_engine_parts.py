@@ -110,12 +110,12 @@ def slot_rows(slots: SlotKV, mask: torch.Tensor) -> list[torch.Tensor]:
 def test_slots_join_and_leave_move_only_the_rows_concerned():
     a, b, c = [[1, 2, 3], [4, 5]], [[6, 7, 8, 9, 10], [11]], [[12]]
     first = batch(a)
-    slots = SlotKV.for_group(first[0], 3, future=40, limits=SlotLimits(5, 10**6))
-    assert slots.slots == 5  # as many as the budget holds, up to the row cap
+    slots = SlotKV.for_group(first[0], 3, future=40, limits=SlotLimits(8, 10**6))
+    assert slots.slots == 2  # the rows it has: more only when a join needs them
     mask = slots.join(*first, None, future=40)
     assert [r.tolist() for r in mask] == [[1, 1, 1], [0, 1, 1]]
     mask = slots.join(*batch(b), mask, future=40)  # wider than the room on the left: one move
-    assert mask.shape == (4, 5) and slots.rows == 4
+    assert mask.shape == (4, 5) and slots.rows == 4 and slots.slots == 4  # twice as many
     for got, ids in zip(slot_rows(slots, mask), a + b, strict=True):
         assert torch.equal(got, token_kv(ids))
     assert torch.equal(row_kv(kv_tensors(slots.cache), mask[2], 2, 1, 5),
@@ -133,9 +133,10 @@ def test_slots_join_and_leave_move_only_the_rows_concerned():
 
 
 def test_slots_stay_within_the_kv_budget_beyond_the_rows_needed():
-    assert SlotLimits(8, 100).slots(2, 30) == 3  # 3 x 30 tokens fit in 100
-    assert SlotLimits(8, 100).slots(5, 30) == 5  # rows already admitted are never refused
-    assert SlotLimits(4, 10**6).slots(1, 30) == 4  # the row cap
+    assert SlotLimits(8, 100).slots(2, 4, 30) == 3  # 3 x 30 tokens fit in 100
+    assert SlotLimits(8, 100).slots(5, 10, 30) == 5  # rows already admitted are never refused
+    assert SlotLimits(4, 10**6).slots(1, 8, 30) == 4  # the row cap
+    assert SlotLimits(8, 10**6).slots(3, 4, 30) == 4  # what was asked for
 
 
 def test_keep_rows_drops_a_groups_ended_rows_and_dead_columns():

@@ -76,7 +76,9 @@ class BlocksToStore:
     """The first ``length`` tokens of one row, whose KV sits in row ``index`` of ``kv``."""
 
     row: Row
-    kv: list[tuple[Any, Any]]  # each layer's (keys, values): a snapshot, never changed in place
+    # Each layer's (keys, values). A prefill group's are never changed in place; the decode
+    # batch's slots are, so its rows' blocks are stored at once (update_from_output).
+    kv: list[tuple[Any, Any]]
     mask_row: Any
     index: int
     length: int

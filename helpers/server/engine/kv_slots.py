@@ -10,8 +10,8 @@ dim]`` with room to grow, and the batch is its first ``rows`` slots between colu
 - a join writes its rows into the next free slots, right-aligned at ``end``;
 - a leave moves the last rows into the freed slots, and dead columns only move ``start``;
 - only when the buffer is full does it move to a larger one: one copy of the live part, with
-  room for the rows' next tokens and as many slots as the KV budget holds at that width (so
-  that later joins find free slots), which makes moves rare.
+  room for the rows' next tokens and, when rows ran out, twice the slots (as far as the row cap
+  and the KV budget allow), so that moves are rare and memory stays near what the rows use.
 
 transformers' own ``StaticCache`` gives every row the same length and position, and its paged
 cache belongs to its own continuous-batching loop: neither takes rows that join mid-way with
@@ -37,9 +37,10 @@ class SlotLimits:
     max_rows: int
     budget_tokens: int
 
-    def slots(self, needed: int, columns: int) -> int:
-        """The rows needed now, and more while the budget holds them at this many columns."""
-        return max(needed, min(self.max_rows, self.budget_tokens // max(1, columns)))
+    def slots(self, needed: int, wanted: int, columns: int) -> int:
+        """``wanted`` slots as far as the row cap and the budget allow, never fewer than
+        ``needed`` (rows already admitted are never refused here)."""
+        return max(needed, min(wanted, self.max_rows, self.budget_tokens // max(1, columns)))
 
 
 class SlotLayer(DynamicLayer):
@@ -76,7 +77,7 @@ class SlotKV:
     def for_group(cls, cache: Any, width: int, future: int, limits: SlotLimits) -> SlotKV:
         """Empty slots for a first group of ``cache``'s rows, ``width`` columns wide."""
         columns = width + _room(width, 1, future)
-        slots = limits.slots(cache.layers[0].keys.shape[0], columns)
+        slots = cache.layers[0].keys.shape[0]  # more only when a join needs them
         keys = [_zeros(layer.keys, slots, columns) for layer in cache.layers]
         values = [_zeros(layer.values, slots, columns) for layer in cache.layers]
         return cls(keys, values, width, limits)
@@ -167,10 +168,12 @@ class SlotKV:
         return order, mask[:, first:]
 
     def _move(self, slots: int, width: int, columns: int, future: int) -> None:
-        """Into new buffers of ``slots`` rows, ``width`` columns and room to grow: the live part
-        is copied once, right-aligned at the new ``end`` so that narrower rows can join."""
+        """Into new buffers of at least ``slots`` rows, ``width`` columns and room to grow: the
+        live part is copied once, right-aligned at the new ``end`` so that narrower rows can
+        join."""
         size = width + _room(width, columns, future)
-        slots = self.limits.slots(slots, size)
+        slots = self.limits.slots(slots, 2 * self.slots if slots > self.slots else self.slots,
+                                  size)
         live, rows = self.width, self.rows
         keys = [_zeros(k, slots, size) for k in self.keys]
         values = [_zeros(v, slots, size) for v in self.values]
