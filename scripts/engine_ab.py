@@ -2,10 +2,10 @@
 
 ``python scripts/engine_ab.py [ROUNDS]``: each server in its own process answers 1 and 8 clients
 of 48 tokens at temperature 0.7, 8 clients with the chapter's sampling and 8 of 256 tokens, with
-the bench's own ``run_load``; prints each round, then tokens/s over all rounds. ``OLD=/another/checkout`` adds
-that checkout's engine as a server, ``MKL=1`` this engine without packed oneDNN linears. Run it
-under the heavy lock on a shared machine; vLLM's compile cache should be warm (a first
-``dhllm bench --peers vllm``).
+the bench's own ``run_load``; prints each round, then tokens/s over all rounds.
+``OLD=/another/checkout`` adds that checkout's engine as a server, ``MKL=1`` this engine without
+packed oneDNN linears. Run it under the heavy lock on a shared machine; vLLM's compile cache
+should be warm (a first ``dhllm bench --peers vllm``).
 """
 
 from __future__ import annotations

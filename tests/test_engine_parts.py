@@ -155,7 +155,7 @@ def test_slots_grow_in_place_and_move_when_full():
     buffers = [t.data_ptr() for t in slots.keys]
     for step in range(5):
         slots.make_room(1, future=3 - step)
-        new = token_kv([50 + step])[:, :, :, :]  # the same token in both rows
+        new = token_kv([50 + step])  # the same token in both rows
         for n, layer in enumerate(slots.cache.layers):
             keys, values = layer.update(new[n, 0].expand(2, -1, -1, -1),
                                         new[n, 1].expand(2, -1, -1, -1), {})
