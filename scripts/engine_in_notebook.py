@@ -41,4 +41,5 @@ def main(tokens: int, streams: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 48, int(sys.argv[2]) if len(sys.argv) > 2 else 8)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 48,
+         int(sys.argv[2]) if len(sys.argv) > 2 else 8)

@@ -6,8 +6,9 @@ run: every row may grow to its prompt plus its ``max_new_tokens`` (``reserved_to
 slots hold every row as wide as the widest one (rows are right-aligned, see kv_slots.py), so
 newcomers are admitted while rows x the widest reservation fit the KV budget
 (``Settings.kv_cache_mb``; the slots themselves are sized within it, and a move to larger ones
-briefly holds the old beside the new), up to a hard cap of rows (``Settings.max_batch_size``). A request that does not fit now waits
-without blocking smaller ones behind it, until it has been passed over ``PATIENCE`` times.
+briefly holds the old beside the new), up to a hard cap of rows (``Settings.max_batch_size``).
+A request that does not fit now waits without blocking smaller ones behind it, until it has been
+passed over ``PATIENCE`` times.
 """
 
 from __future__ import annotations
