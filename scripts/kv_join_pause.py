@@ -1,8 +1,8 @@
 """How long running streams wait while a newcomer joins: ``SlotKV.join`` against the old copy.
 
-``OLD=/checkout/of/9bfc450 python scripts/kv_join_pause.py``: KV shaped like the embedded
-model's (30 layers, 3 KV heads of 64, float32), random; running rows of one length, one
-newcomer. The old engine built a new rectangle for every join (``merge_rows`` in that
+``OLD=/checkout/of/8ce40c0 python scripts/kv_join_pause.py`` (any commit before the slots): KV
+shaped like the embedded model's (30 layers, 3 KV heads of 64, float32), random; running rows of
+one length, one newcomer. The old engine built a new rectangle for every join (``merge_rows`` in that
 checkout's ``helpers/server/engine/kv.py``); the slots write the newcomer's row into a free slot.
 Each case twice, in a worker thread as the engine runs it. Run it under the heavy lock.
 """

@@ -63,10 +63,10 @@ def test_the_engine_leaves_its_caller_no_team(tiny_model_dir: Path) -> None:
         "chat = TransformersChat.load(sys.argv[1], verbose=False)\n"
         "chat.model(input_ids=torch.ones(4, 64, dtype=torch.long))\n"  # the learner's own call
         "engine = BatchingEngine(chat)\n"
+        "engine.start()\n"
         "before = threads()\n"
         "release_openmp_threads()\n"
         "after = threads()\n"
-        "engine.start()\n"
         "stream = engine.submit([{'role': 'user', 'content': 'hi'}],\n"
         "                       GenerationParams(max_new_tokens=4, temperature=0.0))\n"
         "assert ''.join(stream)\n"

@@ -16,12 +16,10 @@ of its own. No library frees another thread's team, hence this.
 from __future__ import annotations
 
 import ctypes
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
 _OMP_PAUSE_SOFT = 1  # OpenMP 5.0's omp_pause_soft: threads are freed, state kept
 _runtime: Any = None  # the OpenMP library torch uses, once found (False: none)
 

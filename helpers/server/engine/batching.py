@@ -74,7 +74,6 @@ class BatchingEngine(Engine):
         self.kv = KVManager(prefix_cache, self._count,
                             SlotLimits(settings.max_batch_size, self.kv_budget_tokens))
         self.runner = ModelRunner(model, settings.max_batch_size, pack=settings.cpu_packed_linear)
-        release_openmp_threads()  # loading and packing left this thread a team: see cpu_threads
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -97,7 +96,9 @@ class BatchingEngine(Engine):
             old.join(timeout)  # a stop() that timed out: its worker may still be in a step
             if old.is_alive():
                 raise EngineStoppedError("the previous worker is still stopping; try again soon")
-        release_openmp_threads()  # the model runs in the worker's team only from here
+        # Loading, packing or the caller's own calls left this thread an OpenMP team: free it,
+        # the model runs in the worker's team only from here (see cpu_threads).
+        release_openmp_threads()
         with self._lock:
             self._stopping, self._failure = False, None
             self._thread = threading.Thread(target=self._loop, name="dhllm-engine", daemon=True)

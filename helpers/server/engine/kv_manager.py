@@ -192,9 +192,9 @@ class KVManager:
         joining = [rows[i] for i in keep]
         if joining:  # only free slots are written: if it fails, the running rows are untouched
             batch = RunningBatch(self.running.rows + joining)
-            kv = self.running.kv or SlotKV.for_group(cache, mask.shape[1], batch.future(),
-                                                     self.limits)
-            batch.kv, batch.mask = kv, kv.join(cache, mask, self.running.mask, batch.future())
+            future = batch.future()
+            kv = self.running.kv or SlotKV.for_group(cache, mask.shape[1], future, self.limits)
+            batch.kv, batch.mask = kv, kv.join(cache, mask, self.running.mask, future)
             self.running = batch
         self.to_store += blocks
 
